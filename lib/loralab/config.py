@@ -1,0 +1,176 @@
+"""Typed configuration: a run is a model, a data source and a recipe.
+
+A *recipe* is a named preset of every training knob (quantization, dtypes,
+checkpointing, attention, LoRA, optimizer). A *run* adds what to train on and
+how long. Every report prints the fully resolved config (``RunConfig.to_dict``)
+so nothing is implicit.
+
+Invalid values raise ``ConfigError`` with a one-line message naming the field
+and what was expected; ``run_all.py`` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-supplied value is invalid. The message is one line: input and expectation."""
+
+
+QUANTIZATIONS = ("none", "int8", "nf4")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa")
+CHECKPOINTING = ("none", "full")
+LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob that changes what training costs or computes."""
+
+    name: str
+    """Preset name, printed in every report."""
+    quantization: str = "none"
+    """Base-weight storage: "none" (param_dtype), "int8" (bitsandbytes LLM.int8) or "nf4" (4-bit, double quant)."""
+    param_dtype: str = "float32"
+    """dtype of every parameter that is not quantized (norms, embeddings, LM head, LoRA)."""
+    compute_dtype: str = "float32"
+    """dtype the nf4 kernels compute in; for int8 bitsandbytes always computes in fp16."""
+    autocast: bool = False
+    """Run forward under torch.autocast(compute_dtype). The study used none."""
+    gradient_checkpointing: str = "full"
+    """"full": recompute each decoder layer in backward (reduces memory, ~1/3 more FLOPs); "none"."""
+    attn_implementation: str = "eager"
+    """"eager" (2023 default: materialises the seq x seq scores) or "sdpa" (fused, O(seq) memory)."""
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    lr_gamma: float = 0.85
+    """StepLR factor applied once per epoch (llama-recipes)."""
+    prepare_for_kbit: bool = True
+    """peft's prepare_model_for_kbit_training: casts non-quantized params to fp32, enables input grads."""
+
+    def __post_init__(self) -> None:
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("param_dtype", self.param_dtype, DTYPES)
+        _choice("compute_dtype", self.compute_dtype, DTYPES)
+        _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
+        _choice("attn_implementation", self.attn_implementation, ATTENTION)
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r={self.lora_r}: expected an integer >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout}: expected 0 <= p < 1")
+        if not self.lora_targets:
+            raise ConfigError("lora_targets=(): expected at least one module name")
+        for t in self.lora_targets:
+            _choice("lora_targets", t, LORA_TARGETS_ALL)
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate={self.learning_rate}: expected > 0")
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+RECIPES: dict[str, Recipe] = {
+    # The study (Dell 2023, llama-recipes defaults): int8 base, everything else
+    # fp32, no autocast, checkpointing on, eager attention, LoRA r8 on q/v.
+    "seed": Recipe(name="seed"),
+    # loralab's own: bf16 weights and compute, fused attention, no quantization.
+    # A later issue adds fused kernels and more levers; each stays a switch.
+    "fast": Recipe(
+        name="fast",
+        quantization="none",
+        param_dtype="bfloat16",
+        compute_dtype="bfloat16",
+        gradient_checkpointing="none",
+        attn_implementation="sdpa",
+        prepare_for_kbit=False,
+    ),
+    # QLoRA: 4-bit NF4 base with double quantization, bf16 compute.
+    "qlora": Recipe(
+        name="qlora",
+        quantization="nf4",
+        param_dtype="bfloat16",
+        compute_dtype="bfloat16",
+        gradient_checkpointing="full",
+        attn_implementation="sdpa",
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError(f"recipe={name!r}: expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+@dataclass
+class RunConfig:
+    """One training run: what model, what data, which recipe, how long."""
+
+    model: str = "tiny"
+    """Preset name ("tiny", "llama2-7b") or a Hugging Face model folder."""
+    tokenizer: str | None = None
+    """Tokenizer folder or SentencePiece .model file; None: the model's own."""
+    data: str = "builtin"
+    """"builtin", a SAMSum folder (train/val/test.json), or a JSON/JSONL/CSV file."""
+    recipe: Recipe = field(default_factory=lambda: RECIPES["seed"])
+    batch_size: int = 1
+    seq_len: int = 2048
+    """Packed chunk length (the study: 2048)."""
+    packing: bool = True
+    """True: llama-recipes packing (concatenate, cut, drop tail). False: one dialogue per row, padded."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: full epochs)."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu" or "cuda"."""
+    gpu_memory_gib: float | None = None
+    """Cap the CUDA caching allocator to emulate a card of this size (40: the study's A100)."""
+    seed: int = 42
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recipe, str):
+            self.recipe = get_recipe(self.recipe)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r}: expected an integer >= 1")
+        if self.seq_len < 8:
+            raise ConfigError(f"seq_len={self.seq_len}: expected an integer >= 8")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs={self.epochs}: expected an integer >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps}: expected an integer >= 1 or None")
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ConfigError(f"gpu_memory_gib={self.gpu_memory_gib}: expected a number > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["recipe"]["lora_targets"] = list(self.recipe.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        r = d.get("recipe", "seed")
+        if isinstance(r, dict):
+            r = dict(r)
+            r["lora_targets"] = tuple(r.get("lora_targets", ("q_proj", "v_proj")))
+            d["recipe"] = Recipe(**r)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"config keys {sorted(unknown)}: expected only {sorted(known)}")
+        return cls(**d)
