@@ -85,7 +85,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # The study (Dell 2023, llama-recipes defaults): int8 base, everything else
     # fp32, no autocast, checkpointing on, eager attention, LoRA r8 on q/v.
-    "seed": Recipe(name="seed"),
+    "seed": Recipe(name="seed", quantization="int8"),
     # loralab's own: bf16 weights and compute, fused attention, no quantization.
     # A later issue adds fused kernels and more levers; each stays a switch.
     "fast": Recipe(
