@@ -1,0 +1,183 @@
+"""Analytic LoRA FLOPs vs torch FlopCounterMode and DeepSpeed, on a tiny Llama (CPU)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from loralab import flops as F
+from loralab import profilers as P
+from loralab.config import ConfigError, get_recipe
+
+TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+
+
+def tiny_config():
+    return LlamaConfig(**TINY)
+
+
+def test_7b_hand_formula():
+    """Llama-2-7B, LoRA r8 on q,v, input grads on, no checkpointing: the formula written out."""
+    cfg = LlamaConfig(**LLAMA2_7B)
+    b, s, r, L, d, V = 1, 2048, 8, 32, 4096, 32000
+    T = b * s
+    f = F.lora_step_flops(F.ModelShape.from_config(cfg), batch_size=b, seq_len=s, lora_r=r,
+                          lora_targets=("q_proj", "v_proj"), gradient_checkpointing=False,
+                          input_requires_grad=True)
+    n_lin = L * (4 * d * d + 3 * d * 11008)
+    assert n_lin == 6_476_005_376  # the 6.5 B frozen decoder weights
+    frozen = 4 * T * n_lin  # forward + input gradient: 2 + 2 FLOPs per weight and token
+    lora = L * 2 * 6 * T * r * (d + d)  # 2 targets; forward 2, dA, dB, dx(B), dx(A): 6 per weight and token
+    attn = L * 6 * (2 * b * 32 * s * s * 128)  # QK^T and PV, forward + dQ, dK, dP, dV
+    head = 4 * T * d * V
+    assert f.model_flops == frozen + lora + attn + head
+    assert f.hardware_flops == f.model_flops
+    assert f.macs == f.model_flops // 2
+    # about 2/3 of full fine-tuning's 6 N per token (N = non-embedding + head weights)
+    full_ft_approx = 6 * T * (n_lin + d * V) + 3 * 2 * L * 2 * b * 32 * s * s * 128
+    assert 0.6 < f.model_flops / full_ft_approx < 0.7
+    ck = F.lora_step_flops(F.ModelShape.from_config(cfg), batch_size=b, seq_len=s, lora_r=r,
+                           lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True,
+                           input_requires_grad=True)
+    assert ck.model_flops == f.model_flops
+    assert ck.checkpoint_recompute == f.frozen_fwd + f.lora_fwd + f.attn_fwd  # one forward of every layer
+
+
+def test_causal_discount_halves_attention():
+    cfg = tiny_config()
+    r = get_recipe("fast")
+    full = F.recipe_step_flops(cfg, r, 2, 64)
+    half = F.recipe_step_flops(cfg, r, 2, 64, causal_attention_discount=True)
+    assert half.attn_fwd * 2 == full.attn_fwd
+    assert half.frozen_fwd == full.frozen_fwd
+
+
+def test_layer0_without_input_grad_skips_frozen_backward():
+    shape = F.ModelShape.from_config(tiny_config())
+    kw = dict(batch_size=1, seq_len=32, lora_r=4, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=False)
+    on = F.lora_step_flops(shape, input_requires_grad=True, **kw)
+    off = F.lora_step_flops(shape, input_requires_grad=False, **kw)
+    T, d, kvd = 32, 64, 2 * 16
+    # layer 0 q, k, v frozen input grads; LoRA A input grads of q, v; dK of attention
+    assert on.frozen_bwd - off.frozen_bwd == 2 * T * d * (d + kvd + kvd)
+    assert on.lora_bwd - off.lora_bwd == 2 * (2 * T * d * 4)
+    assert on.attn_bwd - off.attn_bwd == 2 * 1 * 4 * 32 * 32 * 16
+
+
+CASES = [
+    ("fast", {}),  # bf16, sdpa, no checkpointing, no input grads
+    ("fast", {"param_dtype": "float32", "compute_dtype": "float32"}),
+    ("fast", {"gradient_checkpointing": "full"}),
+    ("fast", {"attn_implementation": "eager"}),
+    ("fast", {"attn_implementation": "eager", "gradient_checkpointing": "full", "param_dtype": "float32"}),
+    ("fast", {"lora_targets": ("k_proj", "o_proj", "down_proj")}),
+    ("seed", {"quantization": "none"}),  # the study's recipe without int8: fp32, eager, checkpointing
+]
+
+
+@pytest.mark.parametrize("name,over", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES])
+def test_analytic_matches_flop_counter(name, over):
+    """FlopCounterMode counts hardware FLOPs with full attention: the analytic hardware count within 2 %."""
+    cfg = tiny_config()
+    recipe = get_recipe(name).replace(**over)
+    model = P.build_lora_model(cfg, recipe, "cpu")
+    ids = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
+    counted = P.count_step_flops(model, ids, recipe)
+    a = F.recipe_step_flops(cfg, recipe, 2, 64)
+    assert counted["total"] == pytest.approx(a.hardware_flops, rel=0.02)
+    assert counted["forward"] == pytest.approx(a.forward, rel=0.02)
+    assert model.training
+
+
+def test_flop_counter_linear_in_batch_size():
+    cfg = tiny_config()
+    recipe = get_recipe("fast")
+    model = P.build_lora_model(cfg, recipe, "cpu")
+    bs = [1, 2, 3, 4]
+    counted = [P.count_step_flops(model, P.random_batch(256, b, 32, torch.device("cpu")))["total"] for b in bs]
+    a, b0, r2 = F.linear_fit_r2(bs, counted)
+    assert r2 > 0.999
+    assert abs(b0) < 1e-6 * a  # proportional: no fixed cost per step in matmul FLOPs
+
+
+def test_int8_seed_recipe_runs_and_is_labelled():
+    """Seed recipe (bitsandbytes int8): counted, and the label says what the counter cannot see."""
+    cfg = tiny_config()
+    recipe = get_recipe("seed")
+    model = P.build_lora_model(cfg, recipe, "cpu")
+    ids = P.random_batch(cfg.vocab_size, 1, 32, torch.device("cpu"))
+    counted = P.count_step_flops(model, ids, recipe)
+    a = F.recipe_step_flops(cfg, recipe, 1, 32)
+    assert 0 < counted["total"] <= a.hardware_flops * 1.02  # never more than the analytic count
+    assert "bitsandbytes" in counted["convention"]
+
+
+def test_deepspeed_profile_labelled_and_restores_train_mode():
+    cfg = tiny_config()
+    recipe = get_recipe("fast").replace(param_dtype="float32", compute_dtype="float32")
+    model = P.build_lora_model(cfg, recipe, "cpu")
+    ids = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
+    ds = P.deepspeed_profile(model, ids)
+    assert model.training  # get_model_profile calls model.eval(); we restore it
+    assert "3 x forward" in ds["convention"] and "bitsandbytes" in ds["convention"]
+    if not ds["available"]:
+        pytest.skip(f"DeepSpeed profiler unavailable here: {ds['error']}")
+    a = F.recipe_step_flops(cfg, recipe, 2, 64)
+    assert ds["forward_macs"] == pytest.approx(a.forward / 2, rel=0.02)  # matmul MACs agree
+    assert ds["forward_flops"] >= a.forward  # DeepSpeed adds elementwise ops
+    assert ds["step_flops_ds_convention"] == 3 * ds["forward_flops"]
+    assert ds["step_flops_ds_convention"] > a.model_flops  # full-training convention overcounts LoRA
+
+
+def test_sweep_metrics_and_peaks():
+    cfg = LlamaConfig(**LLAMA2_7B)
+    recipe = get_recipe("fast")
+    m = F.sweep_metrics(cfg, recipe, 4, 2048, step_time_s=2.0, peak_tflops=989.0)
+    f = F.recipe_step_flops(cfg, recipe, 4, 2048)
+    assert m["flops_per_step"] == f.model_flops and m["macs_per_step"] == f.macs
+    assert m["tflops_per_s"] == pytest.approx(f.model_flops / 2.0 / 1e12)
+    assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 989.0)
+    assert F.sweep_metrics(cfg, recipe, 4, 2048, None, 989.0)["mfu"] is None
+    assert F.device_peak_tflops("NVIDIA H200") == 989.0
+    assert F.device_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert F.device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert F.device_peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
+    assert F.device_peak_tflops("cpu") is None
+
+
+def test_flops_linear_in_batch_size_7b():
+    cfg = LlamaConfig(**LLAMA2_7B)
+    bs = [1, 2, 4, 8]
+    y = [F.recipe_step_flops(cfg, get_recipe("seed"), b, 2048).model_flops for b in bs]
+    assert F.linear_fit_r2(bs, y)[2] > 0.999999
+
+
+def test_bad_input_raises_config_error():
+    shape = F.ModelShape.from_config(tiny_config())
+    with pytest.raises(ConfigError):
+        F.lora_step_flops(shape, batch_size=0, seq_len=8, lora_r=8, lora_targets=("q_proj",),
+                          gradient_checkpointing=False, input_requires_grad=False)
+    with pytest.raises(ConfigError):
+        F.lora_step_flops(shape, batch_size=1, seq_len=8, lora_r=8, lora_targets=("qkv",),
+                          gradient_checkpointing=False, input_requires_grad=False)
+    with pytest.raises(ConfigError):
+        F.lora_step_flops(shape, batch_size=1, seq_len=8, lora_r=8, lora_targets=("q_proj",),
+                          gradient_checkpointing=False, input_requires_grad=False, attention_kernel="flash")
+
+
+def test_measure_matmul_peak_cpu():
+    assert P.measure_matmul_peak("cpu", torch.float32, n=256) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_analytic_matches_flop_counter_cuda(attn):
+    cfg = tiny_config()
+    recipe = get_recipe("fast").replace(attn_implementation=attn)
+    model = P.build_lora_model(cfg, recipe, "cuda")
+    ids = P.random_batch(cfg.vocab_size, 2, 128, torch.device("cuda"))
+    counted = P.count_step_flops(model, ids, recipe)
+    assert counted["total"] == pytest.approx(F.recipe_step_flops(cfg, recipe, 2, 128).hardware_flops, rel=0.02)
