@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -232,3 +234,55 @@ def test_bad_arguments():
 def test_decoding_settings_are_greedy():
     assert DECODING["do_sample"] is False and DECODING["num_beams"] == 1
     assert DECODING["repetition_penalty"] == 1.0
+
+
+# ---------------------------------------------------------------- notebook --
+
+@pytest.mark.slow
+def test_notebook_05_runs_end_to_end(tmp_path):
+    """Notebook 05 on the tiny preset with a (random, non-zero) adapter, as the random-weights report."""
+    import subprocess
+    import sys
+
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("papermill")
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loralab.model import materialize_preset
+
+    folder = materialize_preset("tiny")
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+
+    root = Path(__file__).resolve().parents[1]
+    src, nb_in, nb_out = root / "notebooks" / "05_summaries.py", tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "-o", str(nb_in), str(src)], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "papermill", "-k", "python3", str(nb_in), str(nb_out),
+                    "-p", "adapter_dir", str(tmp_path / "adapter"), "-p", "n_examples", "4",
+                    "-p", "show_examples", "2", "-p", "max_new_tokens", "8", "-p", "batch_size", "2",
+                    "-p", "random_weights", "True", "-p", "export_dir", str(tmp_path / "merged")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    nb = nbformat.read(nb_out, as_version=4)
+    text = ""
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            assert o.get("output_type") != "error", o.get("evalue")
+            text += o.get("text", "") + "".join(str(v) for v in o.get("data", {}).values())
+    assert "Random weights" in text and "meaningless" in text
+    assert "tok/s" in text and "peak memory (GiB)" in text
+    assert "adapter life" in text
+    assert (tmp_path / "merged" / "config.json").is_file()
+    summary = json.loads(text[text.rindex('{\n "n": 4'):].split("\n}\n")[0] + "\n}")
+    assert summary["n"] == 4 and set(summary["rouge_finetuned"]) == set(ROUGE_KEYS)
+    assert summary["adapter_life"]["reload max |logit diff|"] == 0.0
+    assert summary["adapter_life"]["merged (exported, plain transformers) max |logit diff|"] < 1e-5

@@ -121,6 +121,7 @@ def export_merged(peft_model, out_dir: str | Path, tokenizer_src: str | Path | N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        merged.config.use_cache = True  # training turns the KV cache off; inference wants it
         merged.save_pretrained(str(tmp))
         if src is not None:
             if src.is_file():
