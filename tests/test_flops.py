@@ -181,3 +181,23 @@ def test_analytic_matches_flop_counter_cuda(attn):
     ids = P.random_batch(cfg.vocab_size, 2, 128, torch.device("cuda"))
     counted = P.count_step_flops(model, ids, recipe)
     assert counted["total"] == pytest.approx(F.recipe_step_flops(cfg, recipe, 2, 128).hardware_flops, rel=0.02)
+
+
+@pytest.mark.slow
+def test_notebook_04_runs_on_cpu(tmp_path):
+    """The profiling notebook executes end to end on the tiny model and writes its profile.json."""
+    import json
+    from pathlib import Path
+
+    import jupytext
+    import papermill as pm
+
+    nb = jupytext.read(Path(__file__).resolve().parents[1] / "notebooks" / "04_profiling.py")
+    src = tmp_path / "04.ipynb"
+    jupytext.write(nb, src)
+    pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
+                        parameters={"model": "tiny", "recipe": "fast", "seq_len": 256, "device": "cpu",
+                                    "run_dir": str(tmp_path / "run")})
+    prof = json.loads((tmp_path / "run" / "bs1" / "profile.json").read_text())
+    assert prof["flop_counter"]["total"] == pytest.approx(prof["analytic"]["hardware_flops"], rel=0.02)
+    assert prof["mfu"] > 0 and prof["flops_per_step"] == prof["analytic"]["model_flops"]

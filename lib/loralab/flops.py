@@ -243,14 +243,12 @@ def recipe_step_flops(
 ) -> StepFlops:
     """``lora_step_flops`` for a LlamaConfig and a loralab recipe.
 
-    input_requires_grad defaults to what loralab's model builder does: the
-    embedding output requires grad when the recipe runs peft's
-    prepare_model_for_kbit_training on a quantized model, or uses checkpointing
-    (reentrant checkpointing needs a grad-requiring input).
+    input_requires_grad defaults to what ``loralab.model.add_lora`` does: the
+    embedding output requires grad exactly when checkpointing is on (reentrant
+    checkpointing needs a grad-requiring input: ``enable_input_require_grads``).
     """
     if input_requires_grad is None:
-        input_requires_grad = (recipe.prepare_for_kbit and recipe.quantization != "none") or (
-            recipe.gradient_checkpointing == "full")
+        input_requires_grad = recipe.gradient_checkpointing == "full"
     return lora_step_flops(
         ModelShape.from_config(config),
         batch_size=batch_size,

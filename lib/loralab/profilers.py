@@ -101,16 +101,15 @@ def _quantize_nf4(model: torch.nn.Module, device: torch.device, compute_dtype: t
 def build_lora_model(llama_config: Any, recipe: Recipe, device: str | torch.device = "auto", seed: int = 0):
     """Random-weight Llama in ``llama_config``'s shape with the recipe's LoRA, in train mode.
 
-    Weights: created on the meta device, materialised on ``device`` (no CPU copy of
-    a 7B model), initialised N(0, 0.02). Quantized recipes swap decoder linears
-    for bitsandbytes modules; ``prepare_for_kbit`` runs peft's
-    prepare_model_for_kbit_training (fp32 rest, input grads, reentrant
-    checkpointing), otherwise checkpointing is enabled with input grads too, so
-    ``loralab.flops.recipe_step_flops``'s default ``input_requires_grad`` matches.
+    Weights: created on the meta device, materialised on ``device`` (no CPU copy and
+    no disk folder of a 7B model), initialised N(0, 0.02). Quantized recipes swap
+    decoder linears for bitsandbytes modules (the layers ``from_pretrained`` makes
+    with a BitsAndBytesConfig). Then ``loralab.model.add_lora``, the training
+    path's: peft's prepare for k-bit, reentrant checkpointing with input grads
+    (``recipe_step_flops``'s default ``input_requires_grad`` = checkpointing on).
     """
     import copy
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -139,24 +138,9 @@ def build_lora_model(llama_config: Any, recipe: Recipe, device: str | torch.devi
         _quantize_int8(model, dev)
     elif recipe.quantization == "nf4":
         _quantize_nf4(model, dev, _DTYPES[recipe.compute_dtype])
-    ckpt = recipe.gradient_checkpointing == "full"
-    if recipe.quantization != "none" and recipe.prepare_for_kbit:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": True})
-    elif ckpt:
-        model.enable_input_require_grads()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=list(recipe.lora_targets), bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    if recipe.quantization == "none":
-        for n, p in model.named_parameters():  # LoRA in the recipe's param dtype
-            if p.requires_grad:
-                p.data = p.data.to(dtype)
+    from loralab.model import add_lora  # the training path's own prepare / checkpointing / LoRA
+
+    model = add_lora(model, recipe)  # LoRA weights in peft's dtype (fp32: autocast_adapter_dtype)
     model.train()
     return model
 
