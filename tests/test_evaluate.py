@@ -231,6 +231,16 @@ def test_bad_arguments():
         generate_summaries(model, tok, [[1, 5], []])
 
 
+def test_kv_cache_used_even_when_training_turned_it_off():
+    tok, model = CharTokenizer(), tiny_llama()
+    model.config.use_cache = False  # as loralab.model.load_base_model leaves it for training
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[1]))
+    p = prompt(tok, "A: hi")
+    generate_summaries(model, tok, [p], max_new_tokens=5)
+    assert seen[0] == len(p) and all(n == 1 for n in seen[1:])  # one new token per step: cache in use
+
+
 def test_decoding_settings_are_greedy():
     assert DECODING["do_sample"] is False and DECODING["num_beams"] == 1
     assert DECODING["repetition_penalty"] == 1.0
