@@ -44,3 +44,14 @@ def test_stop_twice_and_bad_interval():
     m.stop()
     with pytest.raises(ConfigError):
         GpuMonitor(interval_s=0)
+
+
+def test_without_nvitop_falls_back_to_psutil(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvitop", None)  # import nvitop -> ImportError
+    with GpuMonitor(interval_s=0.05) as mon:
+        time.sleep(0.3)
+    df = mon.dataframe()
+    assert not mon.gpu and len(df) >= 2
+    assert (df["host_mem_gib"] > 0).all() and df["gpu_util_pct"].isna().all()

@@ -78,9 +78,20 @@ class GpuMonitor:
 
     # -- lifecycle
     def start(self) -> "GpuMonitor":
-        from nvitop import ResourceMetricCollector
-
         global _said_no_nvml
+        self._stop.clear()
+        self.rows = []
+        self._t0 = time.perf_counter()
+        try:
+            from nvitop import ResourceMetricCollector
+        except ImportError:  # nvitop not installed: host metrics from psutil in our own thread
+            self.gpu = False
+            if not _said_no_nvml:
+                _said_no_nvml = True
+                log.info("GpuMonitor: nvitop not installed, sampling host CPU and memory only")
+            self._thread = threading.Thread(target=self._psutil_loop, name="gpu-monitor", daemon=True)
+            self._thread.start()
+            return self
         devices = _nvml_devices(self.device_index)
         self.gpu = bool(devices)
         if not self.gpu:
@@ -91,11 +102,16 @@ class GpuMonitor:
             d = devices[0]
             self._gpu_prefix = f"cuda:{d.cuda_index} (gpu:{d.physical_index})/"
         collector = ResourceMetricCollector(devices=devices, root_pids=set(), interval=min(self.interval_s / 4, 0.25))
-        self._stop.clear()
-        self.rows = []
-        self._t0 = time.perf_counter()
         self._thread = collector.daemonize(self._on_collect, interval=self.interval_s, tag="m", start=True)
         return self
+
+    def _psutil_loop(self) -> None:
+        import psutil
+
+        psutil.cpu_percent(None)
+        while not self._stop.wait(self.interval_s):
+            self._on_collect({"m/host/cpu_percent (%)/mean": psutil.cpu_percent(None),
+                              "m/host/memory_used (GiB)/mean": psutil.virtual_memory().used / 2**30})
 
     def stop(self) -> "GpuMonitor":
         if self._thread is not None:

@@ -129,11 +129,14 @@ def build_lora_model(llama_config: Any, recipe: Recipe, device: str | torch.devi
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-        for buf_name, buf in model.named_buffers():  # RoPE inv_freq: recompute
-            if buf_name.endswith("inv_freq"):
-                base = getattr(cfg, "rope_theta", None) or cfg.rope_parameters.get("rope_theta", 10000.0)
-                hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-                buf.copy_(1.0 / (base ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd)))
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    base = rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd))  # Llama 2: default RoPE
+    for mod in model.modules():  # to_empty left the RoPE buffers uninitialised: fp32, as from_pretrained keeps them
+        for buf in ("inv_freq", "original_inv_freq"):
+            if isinstance(getattr(mod, buf, None), torch.Tensor):
+                setattr(mod, buf, inv_freq.clone())
     if recipe.quantization == "int8":
         _quantize_int8(model, dev)
     elif recipe.quantization == "nf4":
