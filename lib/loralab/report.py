@@ -1,0 +1,69 @@
+"""Small helpers the notebooks share, so each notebook reads like a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from loralab.config import RunConfig, get_recipe
+
+RANDOM_WEIGHTS_BANNER = (
+    "> **Random weights.** This report was made with the `{model}` preset: the Llama-2-7B *shape* "
+    "with random weights. Memory, time and FLOPs are real measurements (they do not depend on the "
+    "weights' values); loss values and generated summaries mean nothing."
+)
+TINY_BANNER = (
+    "> **Built-in tiny model.** A 2-layer Llama built locally so the whole sweep runs on a laptop CPU "
+    "in minutes. Its numbers show how loralab works, not what a 7B model costs; for that run "
+    "`--model llama2-7b` (random weights) or a real model folder on a GPU."
+)
+
+
+def setup_plotly() -> None:
+    """Offline plotly that survives papermill and nbconvert: set the renderer, never auto-detect."""
+    import plotly.io as pio
+
+    pio.renderers.default = "notebook"
+
+
+def banner(model: str) -> None:
+    from IPython.display import Markdown, display
+
+    if model == "llama2-7b":
+        display(Markdown(RANDOM_WEIGHTS_BANNER.format(model=model)))
+    elif model == "tiny":
+        display(Markdown(TINY_BANNER))
+
+
+def run_config_from_params(model: str, tokenizer: str, data: str, recipe: str, attn: str, batch_size: int,
+                           seq_len: int, packing: bool, epochs: int, max_steps: int, gpu_memory_gib: float,
+                           device: str, seed: int) -> RunConfig:
+    """The notebooks' flat papermill parameters -> a validated RunConfig (0 / "" mean unset)."""
+    r = get_recipe(recipe)
+    if attn:
+        r = r.replace(attn_implementation=attn)
+    return RunConfig(model=model, tokenizer=tokenizer or None, data=data, recipe=r, batch_size=batch_size,
+                     seq_len=seq_len, packing=packing, epochs=epochs, max_steps=max_steps or None,
+                     device=device, gpu_memory_gib=gpu_memory_gib or None, seed=seed)
+
+
+def config_table(cfg: RunConfig) -> pd.DataFrame:
+    """Every resolved knob, one row each: printed in every report."""
+    d = cfg.to_dict()
+    recipe = d.pop("recipe")
+    rows = [("run", k, v) for k, v in d.items()] + [("recipe", k, v) for k, v in recipe.items()]
+    return pd.DataFrame(rows, columns=["group", "setting", "value"]).astype({"value": str})
+
+
+def write_json(run_dir: str | Path, relpath: str, obj) -> Path:
+    p = Path(run_dir) / relpath
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=1, default=str))
+    return p
+
+
+def read_json(run_dir: str | Path, relpath: str):
+    p = Path(run_dir) / relpath
+    return json.loads(p.read_text()) if p.exists() else None

@@ -1,0 +1,318 @@
+"""The sweep runner behind ``run_all.py``: notebooks in order, with papermill, into one run folder.
+
+Order: 00 setup, 01 data, 02 memory math, then per batch size 03 training and
+04 profiling, then 05 summaries, 06 report. Each executed notebook is saved as
+``.ipynb`` and ``.html`` under ``outputs/<run-id>/``; a failed notebook still gets its
+HTML with the error shown and the sweep goes on. ``summary.json`` and ``index.html``
+are written last, atomically; a folder without them is an unfinished run
+(``run_status.json`` says which). A run folder is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import html
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loralab.config import ConfigError, RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = REPO / "notebooks"
+
+
+@dataclass
+class SweepArgs:
+    """What run_all.py was asked to do (validated before any folder is made)."""
+
+    batch_sizes: list[int] | str = field(default_factory=lambda: [1, 4, 7, 8])
+    model: str = "tiny"
+    tokenizer: str = ""
+    data: str = "builtin"
+    recipe: str = "seed"
+    attn: str = ""
+    seq_len: int = 2048
+    packing: bool = True
+    epochs: int = 1
+    max_steps: int | None = None
+    gpu_memory_gib: float | None = None
+    device: str = "auto"
+    seed: int = 42
+    out: str = "outputs"
+    run_id: str = ""
+    notebooks: list[str] = field(default_factory=lambda: ["00", "01", "02", "03", "04", "05", "06"])
+    eval_examples: int = 50
+
+
+def notebook_path(prefix: str) -> Path:
+    found = sorted(NOTEBOOK_DIR.glob(f"{prefix}_*.py"))
+    if not found:
+        raise ConfigError(f"notebook {prefix!r}: no notebooks/{prefix}_*.py")
+    return found[0]
+
+
+def run_config(a: SweepArgs, batch_size: int = 1) -> RunConfig:
+    from loralab.config import get_recipe
+
+    recipe = get_recipe(a.recipe)
+    if a.attn:
+        recipe = recipe.replace(attn_implementation=a.attn)
+    return RunConfig(model=a.model, tokenizer=a.tokenizer or None, data=a.data, recipe=recipe,
+                     batch_size=batch_size, seq_len=a.seq_len, packing=a.packing, epochs=a.epochs,
+                     max_steps=a.max_steps, device=a.device, gpu_memory_gib=a.gpu_memory_gib, seed=a.seed)
+
+
+def validate(a: SweepArgs) -> None:
+    """Every input checked up front: a bad one stops the run before a folder exists."""
+    from loralab.data import load_splits
+    from loralab.model import is_preset, resolve_model_folder
+    from loralab.tokenizer import load_tokenizer
+
+    if a.batch_sizes != "auto":
+        if not a.batch_sizes:
+            raise ConfigError("batch sizes: none given; expected one or more integers >= 1, or 'auto'")
+        for b in a.batch_sizes:
+            run_config(a, b)  # validates batch size, recipe, attention, steps, device, cap
+    else:
+        run_config(a, 1)
+    if not is_preset(a.model):
+        resolve_model_folder(a.model)
+    if a.tokenizer:
+        load_tokenizer(a.tokenizer)
+    elif a.model == "llama2-7b":
+        raise ConfigError("tokenizer: the llama2-7b preset has no tokenizer; pass --tokenizer with a Llama 2 tokenizer.model (vocab 32000)")
+    load_splits(a.data)
+    for nb in a.notebooks:
+        notebook_path(nb)
+
+
+def new_run_dir(a: SweepArgs) -> Path:
+    out = Path(a.out)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = a.run_id or f"{stamp}-{Path(a.model).name}-{a.recipe}{'-' + a.attn if a.attn else ''}"
+    run_dir = out / name
+    if run_dir.exists():
+        raise ConfigError(f"run folder {str(run_dir)!r} exists; a run never overwrites another (choose another --run-id)")
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
+    return run_dir
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def declared_parameters(nb) -> set[str]:
+    """Names assigned in the notebook's parameters cell (papermill passes only these)."""
+    import ast
+
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse(cell.source)
+            return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+    return set()
+
+
+@contextlib.contextmanager
+def kernel_stderr_to(path: Path):
+    """Kernels inherit our stderr and chatter on it; send that to a log file instead."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def execute(nb_prefix: str, run_dir: Path, params: dict, tag: str = "") -> dict:
+    """Run one notebook with papermill; always write .ipynb and .html. Returns its record."""
+    import jupytext
+    import papermill as pm
+
+    src = notebook_path(nb_prefix)
+    stem = src.stem + (f"_{tag}" if tag else "")
+    out_nb = run_dir / f"{stem}.ipynb"
+    nb = jupytext.read(src)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    t0 = time.perf_counter()
+    status, error = "ok", None
+    declared = declared_parameters(nb)
+    params = {k: v for k, v in params.items() if k in declared}
+    try:
+        with kernel_stderr_to(run_dir / "kernels.log"):
+            pm.execute_notebook(nb, str(out_nb), parameters=params, kernel_name="python3",
+                                progress_bar=False, cwd=str(run_dir))
+    except Exception as exc:  # noqa: BLE001 - a failed notebook is a result; the sweep goes on
+        status = "error"
+        error = _short_error(exc)
+    elapsed = time.perf_counter() - t0
+    html_path = run_dir / f"{stem}.html"
+    if out_nb.exists():
+        to_html(out_nb, html_path)
+    return {"notebook": src.stem, "tag": tag, "status": status, "error": error,
+            "elapsed_s": round(elapsed, 1), "html": html_path.name if html_path.exists() else None}
+
+
+def _short_error(exc: Exception) -> str:
+    name = getattr(exc, "ename", type(exc).__name__)
+    value = getattr(exc, "evalue", str(exc))
+    return f"{name}: {str(value).splitlines()[0] if str(value) else ''}"[:400]
+
+
+def to_html(nb_path: Path, html_path: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(nb_path, as_version=4))
+    html_path.write_text(body, encoding="utf-8")
+
+
+def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
+    rows = "\n".join(
+        f"<tr><td>{html.escape(r['notebook'])}</td><td>{html.escape(r['tag'])}</td>"
+        f"<td class='{r['status']}'>{r['status']}</td><td>{r['elapsed_s']:.1f} s</td>"
+        f"<td>{f'<a href={chr(34)}{r[chr(104)+chr(116)+chr(109)+chr(108)]}{chr(34)}>report</a>' if r['html'] else '-'}</td>"
+        f"<td>{html.escape(r['error'] or '')}</td></tr>" for r in records)
+    sweep = "\n".join(
+        f"<tr><td>{s['batch_size']}</td><td class='{s['status']}'>{s['status']}</td>"
+        f"<td>{_fmt(s.get('peak_reserved_gib'), '.2f')} GiB</td><td>{_fmt(s.get('tokens_per_s'), ',.0f')} tok/s</td>"
+        f"<td>{_fmt(s.get('epoch_time_s'), ',.0f')} s ({html.escape(str(s.get('epoch_time_kind') or '-'))})</td></tr>"
+        for s in summary.get("sweep", []))
+    banner = ("<p class='warn'><b>Random weights</b> (preset model): memory, time and FLOPs are real; "
+              "loss values and summaries mean nothing.</p>" if summary.get("random_weights") else "")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>loralab run {html.escape(summary['run_id'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
+.ok{{color:#070}}.oom{{color:#b60}}.error{{color:#b00}}.warn{{background:#fff3cd;padding:8px}}</style></head><body>
+<h1>loralab run {html.escape(summary['run_id'])}</h1>{banner}
+<p>model <b>{html.escape(str(summary['config']['model']))}</b>, recipe <b>{html.escape(summary['config']['recipe']['name'])}</b>,
+data <b>{html.escape(str(summary['config']['data']))}</b>, started {html.escape(summary['started'])}, took {summary['elapsed_s']:.0f} s.
+Start with the <a href="06_report.html">cross-batch report</a>.</p>
+<h2>Sweep</h2><table><tr><th>batch size</th><th>status</th><th>peak reserved</th><th>throughput</th><th>epoch time</th></tr>{sweep}</table>
+<h2>Notebooks</h2><table><tr><th>notebook</th><th>part</th><th>status</th><th>time</th><th>HTML</th><th>error</th></tr>{rows}</table>
+<p>summary.json holds every number above.</p></body></html>"""
+    tmp = run_dir / "index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, run_dir / "index.html")
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect_summary(run_dir: Path, a: SweepArgs, batch_sizes: list[int], records: list[dict],
+                    started: str, elapsed: float) -> dict:
+    cfg = run_config(a, batch_sizes[0] if batch_sizes else 1).to_dict()
+    cfg.pop("batch_size")
+    data = _read_json(run_dir / "results" / "data.json") or {}
+    setup = _read_json(run_dir / "results" / "setup.json") or {}
+    sweep = []
+    for bs in batch_sizes:
+        tr = _read_json(run_dir / f"bs{bs}" / "train_result.json")
+        prof = _read_json(run_dir / f"bs{bs}" / "profile.json") or {}
+        rec = next((r for r in records if r["notebook"].startswith("03") and r["tag"] == f"bs{bs}"), None)
+        row = {"batch_size": bs, "status": "error", "steps_per_epoch": None, "peak_allocated_gib": None,
+               "peak_reserved_gib": None, "peak_device_used_gib": None, "tokens_per_s": None,
+               "epoch_time_s": None, "epoch_time_kind": None, "final_loss": None, "error": None}
+        if tr:
+            row.update({k: tr.get(k) for k in ("status", "steps_per_epoch", "peak_allocated_gib",
+                                               "peak_reserved_gib", "peak_device_used_gib", "tokens_per_s",
+                                               "epoch_time_s", "epoch_time_kind", "final_loss", "error")})
+            row["predicted_peak_gib"] = tr.get("predicted_peak_gib")
+        elif rec:
+            row["error"] = rec["error"] or "training notebook wrote no result"
+        for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu"):
+            if k in prof:
+                row[k] = prof[k]
+        sweep.append(row)
+    summary = {"run_id": run_dir.name, "started": started, "elapsed_s": round(elapsed, 1),
+               "random_weights": setup.get("random_weights"), "config": cfg,
+               "data": {k: data.get(k) for k in ("train_chunks", "val_chunks", "test_chunks", "train_tokens")},
+               "sweep": sweep, "notebooks": records, "environment": setup.get("environment")}
+    ev = _read_json(run_dir / "results" / "eval.json")
+    if ev:
+        summary["eval"] = ev
+    return summary
+
+
+def build_plan(notebooks: list[str], batch_sizes: list[int]) -> list[tuple[str, str, dict]]:
+    """(notebook prefix, tag, extra parameters) in run order: 00 01 02, then 03/04 per batch size, 05 06."""
+    plan: list[tuple[str, str, dict]] = []
+    for nb in ("00", "01", "02"):
+        if nb in notebooks:
+            plan.append((nb, "", {"batch_sizes": batch_sizes} if nb == "02" else {}))
+    for bs in batch_sizes:
+        for nb in ("03", "04"):
+            if nb in notebooks:
+                plan.append((nb, f"bs{bs}", {"batch_size": bs}))
+    if "05" in notebooks:
+        plan.append(("05", "", {}))
+    if "06" in notebooks:
+        plan.append(("06", "", {"batch_sizes": batch_sizes}))
+    return plan
+
+
+def best_adapter(run_dir: Path, batch_sizes: list[int]) -> str:
+    """The adapter of the run that trained most steps (ties: the smaller batch); "" if none."""
+    best, best_steps = "", -1
+    for bs in batch_sizes:
+        tr = _read_json(run_dir / f"bs{bs}" / "train_result.json")
+        if tr and tr["status"] == "ok" and tr.get("adapter_dir") and tr["steps_done"] > best_steps:
+            best, best_steps = tr["adapter_dir"], tr["steps_done"]
+    return best
+
+
+def run_sweep(a: SweepArgs, log=print) -> Path:
+    validate(a)
+    run_dir = new_run_dir(a)
+    (run_dir / "results").mkdir()
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    _write_json_atomic(run_dir / "run_status.json", {"status": "running", "started": started})
+    t_start = time.perf_counter()
+    records: list[dict] = []
+    base = {"model": a.model, "tokenizer": a.tokenizer, "data": a.data, "recipe": a.recipe, "attn": a.attn,
+            "seq_len": a.seq_len, "packing": a.packing, "epochs": a.epochs, "max_steps": a.max_steps or 0,
+            "gpu_memory_gib": a.gpu_memory_gib or 0.0, "device": a.device, "seed": a.seed,
+            "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples}
+    batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else []
+    plan = build_plan(a.notebooks, batch_sizes)
+    log(f"loralab: run folder {run_dir}  ({len(plan)} notebooks)")
+    status = "interrupted"
+    try:
+        for i, (nb, tag, extra) in enumerate(plan, 1):
+            if nb == "05":
+                extra = {**extra, "adapter_dir": best_adapter(run_dir, batch_sizes)}
+            label = f"{notebook_path(nb).stem}{' ' + tag if tag else ''}"
+            log(f"[{i}/{len(plan)}] {label:<28}", end="", flush=True)
+            rec = execute(nb, run_dir, {**base, **extra}, tag)
+            records.append(rec)
+            tr = _read_json(run_dir / tag / "train_result.json") if nb == "03" else None
+            note = f" (training: {tr['status']})" if tr else ""
+            log(f" {rec['status']}{note} in {rec['elapsed_s']:.1f} s" + (f"  -- {rec['error']}" if rec["error"] else ""))
+        status = "complete"
+    finally:
+        elapsed = time.perf_counter() - t_start
+        summary = collect_summary(run_dir, a, batch_sizes, records, started, elapsed)
+        summary["status"] = status
+        _write_json_atomic(run_dir / "summary.json", summary)
+        write_index(run_dir, records, summary)
+        _write_json_atomic(run_dir / "run_status.json", {"status": status, "started": started,
+                                                         "elapsed_s": round(elapsed, 1)})
+    log(f"loralab: {status} in {elapsed:.0f} s. Report: {run_dir / 'index.html'}")
+    return run_dir

@@ -1,0 +1,176 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Report across batch sizes
+#
+# The study's Tables 3 and 4 and Figures 7 to 11 with loralab's measurements beside the
+# published ones, and the memory model's prediction beside each measurement.
+
+# %% tags=["parameters"]
+run_dir = ""  # the run folder written by run_all.py
+batch_sizes = [1, 4, 7, 8]
+model = "tiny"
+recipe = "seed"
+gpu_memory_gib = 0.0
+
+# %%
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from IPython.display import Markdown, display
+
+from loralab import study
+from loralab.report import banner, read_json, setup_plotly
+
+setup_plotly()
+banner(model)
+run = Path(run_dir)
+results = {bs: read_json(run, f"bs{bs}/train_result.json") for bs in batch_sizes}
+profiles = {bs: read_json(run, f"bs{bs}/profile.json") for bs in batch_sizes}
+setup = read_json(run, "results/setup.json") or {}
+env = setup.get("environment", {})
+card = gpu_memory_gib or env.get("gpu_memory_gib")
+gpu = env.get("gpu", "unknown")
+
+
+def val(bs, key):
+    r = results.get(bs)
+    return None if r is None else r.get(key)
+
+
+def status(bs):
+    r = results.get(bs)
+    return "no result (notebook failed)" if r is None else r["status"]
+
+
+# %% [markdown]
+# ## At a glance
+
+# %%
+ok = [bs for bs in batch_sizes if status(bs) == "ok"]
+oom = [bs for bs in batch_sizes if status(bs) == "oom"]
+lines = [f"- **GPU:** {gpu}" + (f", capped at **{gpu_memory_gib:g} GiB** to emulate the study's A100-40GB" if gpu_memory_gib else ""),
+         f"- **Recipe:** `{recipe}`; **trained:** batch sizes {ok or 'none'}; **out of memory:** {oom or 'none'}"]
+if ok:
+    best = max(ok, key=lambda b: val(b, "tokens_per_s") or 0)
+    lines.append(f"- **Fastest:** batch size {best} at {val(best, 'tokens_per_s'):,.0f} tok/s; "
+                 f"epoch {val(best, 'epoch_time_s'):,.0f} s ({val(best, 'epoch_time_kind')})")
+display(Markdown("\n".join(lines)))
+
+# %% [markdown]
+# ## Table 3: memory per batch size
+#
+# The study's figure is device memory in use as a monitor shows it (CUDA context included),
+# read on a 40 GiB A100. loralab shows three measures side by side: *allocated* (tensors),
+# *reserved* (PyTorch's caching allocator), *device used* (what `nvidia-smi` shows), plus the
+# memory model's prediction of reserved memory made before training.
+
+# %%
+rows = []
+for bs in batch_sizes:
+    used = val(bs, "peak_device_used_gib")
+    pred = val(bs, "predicted_peak_gib")
+    reserved = val(bs, "peak_reserved_gib")
+    s = study.PEAK_MEMORY_GIB.get(bs, "-")
+    rows.append({
+        "batch size": bs, "status": status(bs), "steps per epoch": val(bs, "steps_per_epoch"),
+        "total (card) GiB": card,
+        "allocated GiB": val(bs, "peak_allocated_gib"), "reserved GiB": reserved, "device used GiB": used,
+        "free GiB": None if (used is None or not card) else round(card - used, 2),
+        "predicted reserved GiB": pred,
+        "prediction error %": None if not (pred and reserved) else round(100 * (pred - reserved) / reserved, 1),
+        "study used GiB": "OOM" if s is None else s,
+        "study steps/epoch": study.STEPS_PER_EPOCH.get(bs, "-"),
+    })
+table3 = pd.DataFrame(rows)
+table3.round(2)
+
+# %% [markdown]
+# ## Table 4: epoch time
+#
+# Measured over the steps that ran and extrapolated to the whole epoch where the run was
+# shorter than an epoch (the `how` column says which).
+
+# %%
+table4 = pd.DataFrame([{
+    "batch size": bs, "status": status(bs), "tokens/s": val(bs, "tokens_per_s"), "step time s": val(bs, "step_time_s"),
+    "epoch time s": val(bs, "epoch_time_s"), "how": val(bs, "epoch_time_kind"),
+    "study epoch time s": study.EPOCH_TIME_S.get(bs, "-"),
+    "study tokens/s": round(study.TOKENS_PER_S[bs]) if bs in study.TOKENS_PER_S else "-",
+} for bs in batch_sizes])
+table4.round(2)
+
+# %% [markdown]
+# ## Training loss per step (the study's Figures 7 and 8)
+
+# %%
+fig = go.Figure()
+for bs in batch_sizes:
+    f = run / f"bs{bs}" / "steps.jsonl"
+    if f.exists() and f.stat().st_size:
+        steps = pd.read_json(f, lines=True)
+        fig.add_trace(go.Scatter(x=steps["step"], y=steps["loss"], name=f"bs {bs}", mode="lines"))
+fig.update_layout(title="Training loss per step", xaxis_title="step", yaxis_title="loss", height=380)
+fig.show()
+
+# %% [markdown]
+# ## Memory vs batch size
+
+# %%
+fig = go.Figure()
+xs = [bs for bs in batch_sizes if results.get(bs)]
+for key, name in [("peak_allocated_gib", "allocated"), ("peak_reserved_gib", "reserved"),
+                  ("peak_device_used_gib", "device used"), ("predicted_peak_gib", "predicted reserved")]:
+    fig.add_trace(go.Scatter(x=xs, y=[val(b, key) for b in xs], name=name, mode="lines+markers"))
+sx = [b for b in batch_sizes if study.PEAK_MEMORY_GIB.get(b)]
+fig.add_trace(go.Scatter(x=sx, y=[study.PEAK_MEMORY_GIB[b] for b in sx], name="study (A100-40GB)",
+                         mode="markers", marker_symbol="x", marker_size=12))
+if card:
+    fig.add_hline(y=card, line_color="red", annotation_text=f"card {card:g} GiB")
+fig.update_layout(title="Peak memory vs batch size (GiB)", xaxis_title="batch size", yaxis_title="GiB", height=380)
+fig.show()
+
+# %% [markdown]
+# ## FLOPs, MACs and MFU per step (the study's Figures 10 and 11)
+#
+# From notebook 04. FLOPs per step should grow linearly with batch size, as the study saw.
+
+# %%
+prof_rows = [{"batch size": bs, **{k: p.get(k) for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu")}}
+             for bs, p in profiles.items() if p]
+if prof_rows:
+    prof = pd.DataFrame(prof_rows)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=prof["batch size"], y=prof["flops_per_step"] / 1e12, name="TFLOPs per step", mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=prof["batch size"], y=prof["macs_per_step"] / 1e12, name="TMACs per step", mode="lines+markers"))
+    fig.update_layout(title="Work per step vs batch size", xaxis_title="batch size", yaxis_title="trillions", height=350)
+    fig.show()
+    fig = go.Figure(go.Scatter(x=prof["batch size"], y=prof["mfu"] * 100, mode="lines+markers"))
+    fig.update_layout(title="MFU vs batch size (%)", xaxis_title="batch size", yaxis_title="MFU %", height=300)
+    fig.show()
+    display(prof)
+else:
+    print("no profiling results (notebook 04 not run or failed)")
+
+# %% [markdown]
+# ## Epoch time vs batch size
+
+# %%
+xs = [bs for bs in batch_sizes if val(bs, "epoch_time_s")]
+fig = go.Figure(go.Bar(x=[str(b) for b in xs], y=[val(b, "epoch_time_s") for b in xs], name="loralab"))
+sx = [b for b in batch_sizes if b in study.EPOCH_TIME_S]
+fig.add_trace(go.Bar(x=[str(b) for b in sx], y=[study.EPOCH_TIME_S[b] for b in sx], name="study (A100-40GB)"))
+fig.update_layout(title="Epoch time (s)", xaxis_title="batch size", yaxis_title="seconds", height=320, barmode="group")
+fig.show()

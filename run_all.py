@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Run loralab's notebooks headless for a sweep of batch sizes and write HTML reports.
+
+    python run_all.py                                   # built-in tiny model + data, CPU, bs 1 4 7 8
+    python run_all.py --model llama2-7b --tokenizer TOKENIZER --data SAMSUM_DIR \\
+        --recipe seed --batch-sizes 1 4 7 8 --gpu-memory-gib 40 --max-steps 8
+
+Every run writes a new folder outputs/<run-id>/ with each executed notebook (.ipynb and
+.html), index.html linking them, and summary.json. Bad input exits with code 2 and one
+line naming the input; no run folder is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loralab.config import ATTENTION, ConfigError, RECIPES
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", nargs="+", default=["1", "4", "7", "8"],
+                   help="per-step batch sizes to sweep, or 'auto' (largest that fits the card)")
+    p.add_argument("--model", default="tiny", help="preset (tiny, llama2-7b), HF folder, or Meta checkpoint folder")
+    p.add_argument("--tokenizer", default="", help="tokenizer.model file or tokenizer folder (default: the model's)")
+    p.add_argument("--data", default="builtin", help="'builtin', a SAMSum folder, or a .json/.jsonl/.csv file")
+    p.add_argument("--recipe", default="seed", help=f"one of {', '.join(RECIPES)}")
+    p.add_argument("--attn", default="", help=f"override the recipe's attention: {', '.join(ATTENTION)}")
+    p.add_argument("--seq-len", type=int, default=2048, help="packed chunk length in tokens")
+    p.add_argument("--no-packing", action="store_true", help="one dialogue per row, padded (default: packed)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each run after N steps (default: full epochs)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="cap GPU memory to emulate a smaller card (40 = A100-40GB)")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-examples", type=int, default=50, help="test dialogues summarised in notebook 05")
+    p.add_argument("--notebooks", nargs="+", default=["00", "01", "02", "03", "04", "05", "06"],
+                   help="which notebooks to run (prefixes), e.g. --notebooks 00 01 03 06")
+    p.add_argument("--out", default="outputs", help="parent folder of run folders")
+    p.add_argument("--run-id", default="", help="run folder name (default: timestamp-model-recipe); never reused")
+    return p.parse_args(argv)
+
+
+def to_sweep_args(ns):
+    from loralab.runner import SweepArgs
+
+    if ns.batch_sizes == ["auto"]:
+        batch_sizes = "auto"
+    else:
+        batch_sizes = []
+        for b in ns.batch_sizes:
+            try:
+                batch_sizes.append(int(b))
+            except ValueError:
+                raise ConfigError(f"--batch-sizes {b!r}: expected integers >= 1 or 'auto'") from None
+            if batch_sizes[-1] < 1:
+                raise ConfigError(f"--batch-sizes {b}: expected integers >= 1 or 'auto'")
+    return SweepArgs(batch_sizes=batch_sizes, model=ns.model, tokenizer=ns.tokenizer, data=ns.data,
+                     recipe=ns.recipe, attn=ns.attn, seq_len=ns.seq_len, packing=not ns.no_packing,
+                     epochs=ns.epochs, max_steps=ns.max_steps, gpu_memory_gib=ns.gpu_memory_gib,
+                     device=ns.device, seed=ns.seed, out=ns.out, run_id=ns.run_id,
+                     notebooks=ns.notebooks, eval_examples=ns.eval_examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    try:
+        from loralab.runner import run_sweep
+
+        run_sweep(to_sweep_args(ns))
+    except ConfigError as e:
+        print(f"run_all.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The training loop on the tiny model: pinned first losses, the step log, StepLR, OOM as a result."""
+
+import json
+
+import pytest
+import torch
+
+from loralab.config import RunConfig
+from loralab.data import load_splits, tokenize_splits
+from loralab.model import load_for_training
+from loralab.train import train
+
+# First three losses of the tiny preset, batch size 2, 128-token chunks, seed 42 (torch 2.13 CPU).
+PINNED = {
+    "seed": [7.667988300323486, 7.695935249328613, 7.6494059562683105],
+    "fast": [7.667716026306152, 7.695853233337402, 7.648910999298096],
+    "qlora": [7.6660356521606445, 7.692340850830078, 7.64741325378418],
+}
+
+
+def setup(recipe="seed", **kw):
+    cfg = RunConfig(recipe=recipe, batch_size=kw.pop("batch_size", 2), seq_len=kw.pop("seq_len", 128),
+                    device="cpu", **kw)
+    model, tok, _ = load_for_training(cfg, progress=lambda *a: None)
+    ts = tokenize_splits(tok, load_splits("builtin"), cfg.seq_len)
+    return cfg, model, tok, ts
+
+
+@pytest.mark.parametrize("recipe", ["seed", "fast", "qlora"])
+def test_first_losses_are_pinned(recipe, tmp_path):
+    cfg, model, tok, ts = setup(recipe, max_steps=3)
+    r = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
+    torch.testing.assert_close(r.losses, PINNED[recipe], rtol=1e-4, atol=1e-4)
+
+
+def test_step_log_result_and_adapter(tmp_path):
+    cfg, model, tok, ts = setup(max_steps=4)
+    r = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
+    lines = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "tokens", "tokens_per_s", "step_time_s", "peak_allocated_gib",
+                "peak_reserved_gib", "peak_active_gib"):
+        assert key in lines[0]
+    assert lines[0]["tokens"] == 2 * 128
+    assert r.status == "ok" and r.steps_done == 4 and r.steps_per_epoch == len(ts["train"].rows) // 2
+    assert r.epoch_time_kind == "extrapolated from 4 steps"
+    assert abs(r.epoch_time_s - r.step_time_s * r.steps_per_epoch) < 1e-6
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "train_result.json").read_text())["status"] == "ok"
+
+
+def test_training_learns_with_a_real_learning_rate(tmp_path):
+    cfg, model, tok, ts = setup("fast", max_steps=30, batch_size=4)
+    cfg.recipe = cfg.recipe.replace(learning_rate=3e-3, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"))
+    model, tok, _ = load_for_training(cfg, progress=lambda *a: None)
+    r = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
+    assert sum(r.losses[-5:]) / 5 < r.losses[0] - 0.5  # observed: 7.68 -> 6.82
+
+
+def test_step_lr_decays_once_per_epoch(tmp_path):
+    cfg, model, tok, ts = setup(batch_size=8, seq_len=512, epochs=2)
+    ts["train"].rows = ts["train"].rows[:16]  # 2 steps per epoch
+    train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-4, 1e-4, 0.85e-4, 0.85e-4])
+
+
+def test_out_of_memory_is_a_result(tmp_path):
+    """A real CUDA OOM cannot happen on CPU: inject one at step 3 and check the run records it."""
+    cfg, model, tok, ts = setup(max_steps=5)
+    real_forward = model.forward
+    calls = []
+
+    def forward(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_forward(*a, **kw)
+
+    model.forward = forward
+    r = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
+    assert r.status == "oom" and r.steps_done == 2 and r.oom_memory["at_step"] == 3
+    assert "Tried to allocate" in r.error and r.adapter_dir is None
+    saved = json.loads((tmp_path / "train_result.json").read_text())
+    assert saved["status"] == "oom" and saved["batch_size"] == 2
+    # other errors are not results: they propagate
+    model.forward = lambda *a, **kw: (_ for _ in ()).throw(ValueError("bug"))
+    with pytest.raises(ValueError, match="bug"):
+        train(cfg, model, ts["train"], tmp_path / "b", tok.pad_id, progress=lambda *a: None)
