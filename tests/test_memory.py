@@ -166,7 +166,7 @@ def test_memory_sweep_smoke(tmp_path):
 
     root = Path(__file__).parents[1]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "memory_sweep.py"), "--smoke", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     import json
 

@@ -1,0 +1,273 @@
+"""Predicted vs measured peak GPU memory of a LoRA training step, per recipe and batch size.
+
+    python benchmarks/memory_sweep.py --out benchmarks/results/            # H200: Llama-2-7B shape, ~5-7 min
+    python benchmarks/memory_sweep.py --smoke --out /tmp/memsweep-smoke     # CPU, tiny model: code paths only
+
+Random weights in the Llama-2-7B shape (memory does not depend on the values; int8 outlier
+columns do a little, see loralab.memory.INT8_OUTLIER_COL_FRACTION_DOWN). The model is
+loaded the way loralab trains it (``loralab.model.materialize_preset`` -> ``load_base_model``
+-> ``add_lora``: real bitsandbytes int8/nf4 via from_pretrained), once per base (seed and
+seed-sdpa share one load, switching attention; lora-bf16-ckpt and lora-bf16 share one,
+switching checkpointing off).
+
+Per (recipe, batch size), uncapped: ``--steps`` real training steps (forward, loss, ``del
+outputs``, backward, AdamW step, zero_grad) with the allocator's peak stats reset first;
+records max_memory_allocated, max_memory_reserved and the device peak (reserved + the
+process's memory outside the allocator, from cudaMemGetInfo before the run), or OOM.
+Then, under ``--cap-gib`` (set_per_process_memory_fraction), the predicted largest batch and
+its neighbours are run until the measured largest batch under the cap is pinned down.
+Writes memory_sweep.json and memory_sweep.md (command, GPU, driver, versions, date) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loralab import memory as M
+from loralab import model as LM
+
+BAR_RECIPES = ["seed", "seed-sdpa", "qlora", "lora-bf16-ckpt", "lora-bf16"]
+GROUPS = [["seed", "seed-sdpa"], ["qlora"], ["lora-bf16-ckpt", "lora-bf16"], ["fast"]]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("transformers", "peft", "bitsandbytes"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            out[mod] = f"not available ({type(e).__name__})"
+    return out
+
+
+def gpu_info() -> dict:
+    if not torch.cuda.is_available():
+        return {"name": "cpu", "driver": None}
+    drv = None
+    try:
+        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        pass
+    p = torch.cuda.get_device_properties(0)
+    return {"name": torch.cuda.get_device_name(0), "driver": drv, "memory_gib": p.total_memory / 2**30}
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def set_cap(gib: float | None) -> None:
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * 2**30 / total))
+
+
+def clean() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(model, opt, bs: int, seq: int, vocab: int, steps: int, device) -> dict:
+    """One isolated measurement: ``steps`` training steps; peaks in GiB, or status 'oom'."""
+    cuda = device.type == "cuda"
+    clean()
+    outside = 0.0
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        outside = (total - free - torch.cuda.memory_reserved()) / 2**30  # context + anything not ours
+    row = {"status": "ok"}
+    t0 = time.perf_counter()
+    ids = None
+    try:
+        ids = torch.randint(0, vocab, (bs, seq), device=device)
+        for _ in range(steps):
+            out = model(input_ids=ids, labels=ids)
+            loss = out.loss
+            del out  # as loralab.train: the logits must not live through backward
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+        if cuda:
+            torch.cuda.synchronize()
+            row["allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            row["outside_allocator_gib"] = outside
+            row["device_gib"] = row["reserved_gib"] + outside
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        row = {"status": "oom", "error": str(e).splitlines()[0][:200]}
+    finally:
+        ids = None
+        opt.zero_grad(set_to_none=True)
+        clean()
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def switch(model, base, name: str, recipe) -> None:
+    """Reuse a loaded model for a variant that differs only in attention or checkpointing."""
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(recipe.attn_implementation)
+    else:
+        base.config._attn_implementation = recipe.attn_implementation
+    if recipe.gradient_checkpointing == "none":
+        base.gradient_checkpointing_disable()
+    model.train()
+
+
+def predicted(cfg, recipe, bs, seq) -> dict:
+    bd = M.predict_peak(cfg, recipe, bs, seq)
+    return {"predicted_allocated_gib": bd.allocated / 2**30, "predicted_reserved_gib": bd.reserved / 2**30,
+            "predicted_device_gib": bd.total / 2**30, "predicted_phase": bd.phase}
+
+
+def run_group(names, args, cfg, device, rows, cap_rows) -> None:
+    first = M.recipe_variant(names[0])
+    log(f"loading base for {names} ({first.quantization}, {first.param_dtype}) ...")
+    t0 = time.perf_counter()
+    base = LM.load_base_model(args.folder, first, device)
+    model = LM.add_lora(base, first)
+    log(f"  loaded in {time.perf_counter() - t0:.0f} s; trainable {LM.trainable_parameters(model)[0]:,}")
+    for name in names:
+        recipe = M.recipe_variant(name)
+        if name != names[0]:
+            switch(model, base, name, recipe)
+        attn = base.config._attn_implementation
+        ckpt = LM.checkpointing_active(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate,
+                                weight_decay=recipe.weight_decay)
+        for bs in args.batch_sizes:
+            r = measure(model, opt, bs, args.seq_len, cfg.vocab_size, args.steps, device)
+            r.update({"recipe": name, "batch_size": bs, "seq_len": args.seq_len, "attn": attn, "checkpointing": ckpt,
+                      **predicted(cfg, recipe, bs, args.seq_len)})
+            if r["status"] == "ok" and "reserved_gib" in r:
+                r["error_pct"] = 100 * (r["predicted_reserved_gib"] / r["reserved_gib"] - 1)
+            rows.append(r)
+            log(f"  {name:15s} bs {bs:3d}: {r['status']:3s} reserved {r.get('reserved_gib', float('nan')):7.2f} GiB  "
+                f"predicted {r['predicted_reserved_gib']:7.2f} GiB  ({r.get('error_pct', float('nan')):+.1f} %)  {r['seconds']} s")
+        if args.cap_gib:  # on CPU (smoke) nothing is capped: exercises the search only
+            cap_rows.append(cap_search(model, opt, cfg, recipe, name, args, device))
+        del opt
+        clean()
+    del model, base
+    clean()
+
+
+def cap_search(model, opt, cfg, recipe, name, args, device) -> dict:
+    """Measured largest batch under the allocator cap, starting at the predicted one."""
+    p = M.largest_batch_that_fits(cfg, recipe, args.seq_len, args.cap_gib, allocator_cap=True)
+    tried = {}
+    set_cap(args.cap_gib)
+    try:
+        def fits(b):
+            if b < 1:
+                return True
+            if b not in tried:
+                r = measure(model, opt, b, args.seq_len, cfg.vocab_size, args.steps, device)
+                tried[b] = r
+                log(f"  {name:15s} cap {args.cap_gib} GiB, bs {b:3d}: {r['status']} {r.get('reserved_gib', float('nan')):.2f} GiB")
+            return tried[b]["status"] == "ok"
+
+        b = max(p, 1)
+        measured = None
+        for _ in range(args.cap_tries):
+            if fits(b):
+                if not fits(b + 1):
+                    measured = b
+                    break
+                b += 1
+            else:
+                if b == 1:
+                    measured = 0
+                    break
+                b -= 1
+    finally:
+        set_cap(None)
+    return {"recipe": name, "cap_gib": args.cap_gib, "predicted_largest": p, "measured_largest": measured,
+            "match": measured == p, "tried": {str(k): v for k, v in sorted(tried.items())}}
+
+
+def markdown(result: dict) -> str:
+    L = [f"# Memory sweep: predicted vs measured peak ({result['model']}, random weights)", "",
+         f"- command: `{result['command']}`", f"- GPU: {result['gpu']}", f"- versions: {result['versions']}",
+         f"- date: {result['date']}", f"- seq_len {result['seq_len']}, steps per measurement {result['steps']}",
+         f"- constants: {result['constants']}", "",
+         "| recipe | bs | status | allocated GiB | reserved GiB | device GiB | predicted reserved GiB | error % | peak at |",
+         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in result["rows"]:
+        L.append(f"| {r['recipe']} | {r['batch_size']} | {r['status']} | {f(r.get('allocated_gib'))} | {f(r.get('reserved_gib'))} | "
+                 f"{f(r.get('device_gib'))} | {r['predicted_reserved_gib']:.2f} | {f(r.get('error_pct'))} | {r['predicted_phase']} |")
+    if result["cap"]:
+        L += ["", f"Largest batch under an allocator cap of {result['cap'][0]['cap_gib']} GiB:", "",
+              "| recipe | predicted | measured | match |", "| --- | ---: | ---: | --- |"]
+        L += [f"| {c['recipe']} | {c['predicted_largest']} | {c['measured_largest']} | {c['match']} |" for c in result["cap"]]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/")
+    ap.add_argument("--model", default="llama2-7b", help="preset name")
+    ap.add_argument("--recipes", nargs="+", default=BAR_RECIPES)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=2, help="training steps per measurement (2: AdamW states exist in the 2nd)")
+    ap.add_argument("--cap-gib", type=float, default=40.0, help="allocator cap for the largest-batch check (0: skip)")
+    ap.add_argument("--cap-tries", type=int, default=6)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, seq 64, bs 1 2: exercises the code paths")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.seq_len, args.batch_sizes, args.steps, args.cap_tries = "tiny", 64, [1, 2], 1, 2
+        args.recipes = [r for r in args.recipes if r in ("seed", "qlora", "lora-bf16")]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"memory sweep: {args.model} on {device}, recipes {args.recipes}, bs {args.batch_sizes}, seq {args.seq_len}")
+    args.folder = LM.materialize_preset(args.model, progress=log)
+    cfg = M.preset_config(args.model)
+    if args.smoke:  # a cap the tiny model's batch 2 just fits under, so the search stays tiny
+        args.cap_gib = M.predict_peak(cfg, M.recipe_variant("seed"), 2, args.seq_len).reserved / 2**30 * 1.001
+    rows, cap_rows = [], []
+    t0 = time.perf_counter()
+    for group in GROUPS:
+        names = [n for n in group if n in args.recipes]
+        if names:
+            run_group(names, args, cfg, device, rows, cap_rows)
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "model": args.model, "random_weights": True, "seq_len": args.seq_len, "steps": args.steps,
+        "gpu": gpu_info(), "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_OVERHEAD_FRACTION": M.ALLOCATOR_OVERHEAD_FRACTION,
+                      "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
+        "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "memory_sweep.json").write_text(json.dumps(result, indent=1))
+    (out / "memory_sweep.md").write_text(markdown(result))
+    log(f"wrote {out / 'memory_sweep.json'} and memory_sweep.md in {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

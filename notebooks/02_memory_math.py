@@ -1,0 +1,136 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 Memory math: will this batch size fit?
+#
+# An analytic model of peak GPU memory for one LoRA training step, written out term by term
+# (`loralab.memory`). **No weights are loaded**: everything here is computed from the model's
+# shape (its `LlamaConfig`) and the recipe. Measured peaks, when a GPU sweep has run, are in
+# notebook 06 beside these predictions.
+#
+# Contents: (1) the study's Figure 1, full fine-tuning in fp16; (2) the study's Table 1 for LoRA
+# with int8, recomputed and corrected; (3) the predicted peak per batch size for the chosen recipe
+# against the card's capacity; (4) the predicted largest batch for 24, 40, 80 and 141 GiB cards.
+
+# %% tags=["parameters"]
+model = "llama2-7b"  # preset name (shape only; no weights are read)
+recipe = "seed"  # seed | fast | qlora | seed-sdpa | lora-bf16 | lora-bf16-ckpt
+seq_len = 2048  # tokens per packed chunk (the study: 2048)
+batch_sizes = [1, 2, 4, 7, 8, 16]  # batch sizes to predict
+capacity_gib = 40  # the card to compare against (the study's A100: 40)
+
+# %%
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from loralab import memory as M
+
+pio.renderers.default = "notebook"  # offline HTML, survives papermill and nbconvert
+cfg = M.preset_config(model)
+rec = M.recipe_variant(recipe)
+GIB = M.GIB
+print({"model": model, "recipe": rec.name, "seq_len": seq_len, "batch_sizes": batch_sizes, "capacity_gib": capacity_gib})
+print(f"params: {M.param_count(cfg):,}; LoRA params: {M.lora_param_count(cfg, rec):,} "
+      f"({100 * M.lora_param_count(cfg, rec) / M.param_count(cfg):.3f} %)")
+print("recipe:", {k: v for k, v in rec.__dict__.items()})
+
+# %% [markdown]
+# ## 1. Full fine-tuning in fp16: where the study's "about 84 GB" comes from (Figure 1)
+#
+# The study's figure counts **7e9 parameters x 12 bytes**: 2 B fp16 weights + 2 B fp16 gradients +
+# 8 B of Adam state (two fp32 moments, `exp_avg` and `exp_avg_sq`). Llama-2-7B has 6.74e9 parameters,
+# which gives 80.9 GB; real mixed-precision training also keeps an fp32 master copy (+4 B/param,
+# Micikevicius et al. 2018), and activations come on top of all of these.
+
+# %%
+f = M.full_finetune_fp16(cfg)
+print("study:", f["study_formula"])
+rows = [{"term": k, "bytes/param": b / f["params"], "GB": b / 1e9, "source": s} for k, (b, s) in f["terms"].items()]
+rows.append({"term": "total (12 B/param)", "bytes/param": 12, "GB": f["total_12B_gb"], "source": f"{f['params']:,} params"})
+rows.append({"term": "with fp32 master weights (16 B/param)", "bytes/param": 16, "GB": f["with_fp32_master_gb"], "source": "mixed precision as trained in practice"})
+pd.DataFrame(rows).style.format({"GB": "{:.1f} GB", "bytes/param": "{:.0f} B"})
+
+# %%
+fig = go.Figure(go.Bar(x=[r["term"] for r in rows[:3]], y=[r["GB"] for r in rows[:3]], text=[f"{r['GB']:.1f} GB" for r in rows[:3]]))
+fig.add_hline(y=f["study_gb"], line_dash="dot", annotation_text=f"study: {f['study_gb']:.0f} GB")
+fig.add_hline(y=f["total_12B_gb"], line_dash="dash", annotation_text=f"6.74e9 x 12 B = {f['total_12B_gb']:.1f} GB")
+fig.update_layout(title="Full fine-tuning of Llama-2-7B in fp16 with Adam, excluding activations (GB)", yaxis_title="GB")
+fig.show()
+
+# %% [markdown]
+# ## 2. LoRA with int8 weights: the study's Table 1, recomputed
+#
+# Batch 1, 2048 tokens, the `seed` recipe (int8 base, everything else fp32, checkpointing, eager
+# attention). Where the study slipped: its optimizer row counts **one** AdamW state (AdamW keeps two:
+# 0.0336 GB, not 0.0168); the adapter row counts 2 B/param while peft keeps adapters in fp32; the
+# weights row leaves out the embeddings and LM head, which bitsandbytes does not quantize and which
+# `prepare_model_for_kbit_training` casts to fp32 (1.05 GB).
+
+# %%
+t1 = pd.DataFrame(M.study_table1(cfg, M.recipe_variant("seed"), seq_len))
+t1.style.format({"study_GB": "{:.4f} GB", "loralab_GB": "{:.4f} GB"})
+
+# %% [markdown]
+# ## 3. Predicted peak per batch size
+#
+# Each bar is the breakdown at the moment of the step's peak (for checkpointed eager attention: the
+# backward of the top decoder layer, when all layer inputs are held and that layer's S x S attention
+# tensors are alive three at a time). The dashed line is the card's capacity. Formula and source of
+# every term: `loralab/memory.py`; the table below the chart gives them for the largest batch shown.
+
+# %%
+bds = {b: M.predict_peak(cfg, rec, b, seq_len) for b in batch_sizes}
+terms = list(next(iter(bds.values())).terms)
+for bd in bds.values():
+    terms += [t for t in bd.terms if t not in terms]
+fig = go.Figure()
+for t in terms:
+    fig.add_bar(name=t, x=[str(b) for b in batch_sizes], y=[bds[b].terms.get(t, 0) / GIB for b in batch_sizes])
+fig.add_hline(y=capacity_gib, line_dash="dash", line_color="red", annotation_text=f"{capacity_gib} GiB card")
+fig.update_layout(barmode="stack", title=f"Predicted peak memory, {model} {rec.name}, {seq_len} tokens (GiB)",
+                  xaxis_title="batch size", yaxis_title="GiB")
+fig.show()
+
+summary = pd.DataFrame([{"batch size": b, "predicted device GiB": bd.total / GIB, "predicted reserved GiB": bd.reserved / GIB,
+                         "fits": bd.total <= capacity_gib * GIB, "peak at": bd.phase} for b, bd in bds.items()])
+summary.style.format({"predicted device GiB": "{:.2f} GiB", "predicted reserved GiB": "{:.2f} GiB"})
+
+# %%
+pd.DataFrame(bds[max(batch_sizes)].to_gib()).style.format({"GiB": "{:.3f} GiB"})
+
+# %% [markdown]
+# ## 4. Predicted largest batch per card
+#
+# "Card": the CUDA context counts (a real card of that size). "Cap": an allocator cap
+# (`--gpu-memory-gib`, `torch.cuda.set_per_process_memory_fraction`), which limits only what
+# PyTorch reserves.
+
+# %%
+recipes = ["seed", "seed-sdpa", "qlora", "lora-bf16-ckpt", "lora-bf16"]
+rows = []
+for name in recipes:
+    r = M.recipe_variant(name)
+    row = {"recipe": name}
+    for cap in (24, 40, 80, 141):
+        row[f"{cap} GiB card"] = M.largest_batch_that_fits(cfg, r, seq_len, cap)
+    row["40 GiB cap"] = M.largest_batch_that_fits(cfg, r, seq_len, 40, allocator_cap=True)
+    rows.append(row)
+pd.DataFrame(rows).set_index("recipe")
+
+# %% [markdown]
+# Calibration constants used (documented in `loralab/memory.py`, calibrated once on the GPU):
+
+# %%
+print(f"CUDA context: {M.CUDA_CONTEXT_GIB} GiB; allocator overhead: {M.ALLOCATOR_OVERHEAD_FRACTION:.0%} of the peak + "
+      f"{M.ALLOCATOR_FIXED_GIB} GiB; int8 down_proj outlier columns: {M.INT8_OUTLIER_COL_FRACTION_DOWN:.0%}")
