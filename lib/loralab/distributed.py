@@ -1,0 +1,576 @@
+"""Several GPUs and nodes on PyTorch's own engine: torchrun, DDP, FSDP2.
+
+One process per GPU, launched by ``torchrun`` (``loralab.train_entry``), or by
+``launch()`` here, which ``run_all.py --nproc N`` and notebook 03 call. Each
+process reads its rank from torchrun's environment (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), joins the process group (NCCL
+on CUDA, gloo on CPU) and trains its slice of every global batch.
+
+Strategies (``wrap_model``):
+- ``ddp``: ``torch.nn.parallel.DistributedDataParallel``: a full replica per GPU,
+  the LoRA gradients all-reduced (averaged) in backward. For when a replica fits.
+- ``fsdp``: FSDP2 ``torch.distributed.fsdp.fully_shard`` on every decoder layer and
+  the root: each GPU keeps 1/N of every parameter (frozen base and LoRA alike) and
+  all-gathers a layer's weights just before it runs. Parameters keep their own
+  dtypes (bf16 base, fp32 LoRA as peft makes them), so numerics equal one GPU's.
+  Gradient checkpointing switches to non-reentrant under FSDP (FSDP2's hooks must
+  see the recomputation; torchtitan does the same).
+- ``auto``: ``ddp`` when ``predict_peak_distributed(..., "ddp")`` fits the card, else ``fsdp``.
+
+Batches: global batch = per-GPU batch x world size x accumulation steps
+(``global_batch_size``). Global step g covers training rows [g*G, (g+1)*G) in order;
+micro-step m of rank r takes rows g*G + (m*W + r)*b ... + b. Every packed row has the
+same token count, so the mean of the ranks' mean losses is the one-GPU loss of the
+whole global batch, and 2 GPUs x batch b == 1 GPU x batch 2b, step for step.
+(Unpacked, padded rows weight ranks equally, not tokens: a small difference.)
+
+Metrics and out-of-memory: after every step all ranks exchange one small vector
+(ok flag, loss, step time, peak memory) with ``all_gather`` on a separate gloo
+control group that has its own timeout. Rank 0 writes one JSON line per step with
+every rank's peaks. An OOM on any rank makes the flag 0 on every rank, so all stop
+together and exit 0. If the OOM strikes one rank inside a collective (its peers wait
+in an NCCL all-reduce it will never join), the control exchange times out on that
+rank: it has already written ``rank{r}_result.json`` and exits with ``OOM_EXIT_CODE``;
+torchrun then stops the other workers (its agent tears the group down on a worker
+failure), and ``launch()`` merges the rank records into ``train_result.json`` (status
+"oom"). No collective is left hanging past ``LORALAB_DIST_TIMEOUT_S`` (default 120 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from loralab.config import ConfigError, Recipe, RunConfig
+
+GIB = 2**30
+STRATEGIES = ("ddp", "fsdp")
+OOM_EXIT_CODE = 3
+"""Exit status of a rank that ran out of memory alone and could not reach its peers."""
+METRIC_KEYS = ("peak_allocated_gib", "peak_reserved_gib", "peak_active_gib", "device_used_gib")
+
+
+def control_timeout_s() -> float:
+    return float(os.environ.get("LORALAB_DIST_TIMEOUT_S", "120"))
+
+
+# --- process group -------------------------------------------------------------------------
+@dataclass
+class DistContext:
+    """Where this process stands: its rank, its device, the strategy, the accumulation steps."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    strategy: str = "ddp"
+    grad_accum: int = 1
+    control: object = None
+    """gloo process group with its own timeout for the per-step exchange (None: single process)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) outside torchrun."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init(device: str = "auto", strategy: str = "ddp", grad_accum: int = 1) -> DistContext:
+    """Join the process group torchrun set up: NCCL on CUDA, gloo on CPU; one GPU per local rank."""
+    import torch.distributed as dist
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if grad_accum < 1:
+        raise ConfigError(f"grad_accum={grad_accum}: expected an integer >= 1")
+    rank, local_rank, world = env_world()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda': no CUDA GPU is visible; use --device cpu or auto")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    ctx = DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev,
+                      strategy=strategy, grad_accum=grad_accum)
+    if world > 1 or "MASTER_ADDR" in os.environ:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kw = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kw)
+        ctx.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout_s()))
+    return ctx
+
+
+def teardown(ctx: DistContext) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier(group=ctx.control)
+
+
+# --- models --------------------------------------------------------------------------------
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks (``*DecoderLayer``) of a (peft-wrapped) HF causal LM, in order."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def wrap_model(model, ctx: DistContext, recipe: Recipe | None = None):
+    """DDP or FSDP2 around a PeftModel already on ``ctx.device``; returns the module to call."""
+    if ctx.strategy == "ddp":
+        if not ctx.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ckpt = recipe is not None and recipe.gradient_checkpointing == "full"
+        # static_graph: reentrant checkpointing runs each layer's backward twice through autograd;
+        # DDP must know the graph is the same every step. broadcast_buffers=False: RoPE buffers are
+        # computed identically on every rank, no need to broadcast them every forward.
+        return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                   broadcast_buffers=False, static_graph=ckpt)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if recipe is not None and recipe.gradient_checkpointing == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
+
+
+def save_adapter(model, ctx: DistContext, adapter_dir: Path) -> None:
+    """Rank 0 writes the adapter; under FSDP every rank first joins the all-gather of the LoRA shards."""
+    from torch.distributed.tensor import DTensor
+
+    m = unwrap(model)
+    sd = None
+    if ctx.strategy == "fsdp" and ctx.enabled:
+        sd = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+              for k, v in m.state_dict().items() if "lora_" in k}
+    if ctx.is_main:
+        m.save_pretrained(adapter_dir, **({"state_dict": sd} if sd is not None else {}))
+
+
+# --- batches -------------------------------------------------------------------------------
+def global_batch_size(per_gpu: int, world_size: int, grad_accum: int) -> int:
+    return per_gpu * world_size * grad_accum
+
+
+def steps_per_epoch(n_rows: int, per_gpu: int, world_size: int, grad_accum: int) -> int:
+    return n_rows // global_batch_size(per_gpu, world_size, grad_accum)  # drop_last, as llama-recipes
+
+
+def rank_batches(split, per_gpu: int, pad_id: int, rank: int, world_size: int,
+                 grad_accum: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per global step, this rank's micro-batches (``grad_accum`` of ``per_gpu`` rows each)."""
+    from loralab.data import TokenizedSplit, batches
+
+    G = global_batch_size(per_gpu, world_size, grad_accum)
+    for g in range(steps_per_epoch(len(split.rows), per_gpu, world_size, grad_accum)):
+        micro = []
+        for m in range(grad_accum):
+            start = g * G + (m * world_size + rank) * per_gpu
+            rows = TokenizedSplit(rows=split.rows[start:start + per_gpu], n_examples=0, n_tokens=0,
+                                  lengths=[], packed=split.packed, seq_len=split.seq_len)
+            micro.append(next(batches(rows, per_gpu, pad_id)))
+        yield micro
+
+
+# --- the per-step exchange -----------------------------------------------------------------
+def exchange(ctx: DistContext, values: list[float]) -> list[list[float]]:
+    """All-gather a few floats from every rank over the control group (CPU); one list per rank."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if ctx.control is None:
+        return [values]
+    out = [torch.empty_like(t) for _ in range(ctx.world_size)]
+    dist.all_gather(out, t, group=ctx.control)
+    return [o.tolist() for o in out]
+
+
+def _nan(v):
+    return math.nan if v is None else float(v)
+
+
+def _none(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def write_rank_record(out_dir: Path, ctx: DistContext, rec: dict) -> None:
+    p = Path(out_dir) / f"rank{ctx.rank}_result.json"
+    p.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, **rec}, indent=1))
+
+
+# --- the loop ------------------------------------------------------------------------------
+def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: DistContext,
+                      progress=print, inject_oom: tuple[set[int], int] | None = None) -> dict:
+    """``loralab.train.train`` across ranks: same optimizer, schedule, step log and result file.
+
+    ``model``: the wrapped model (``wrap_model``). ``inject_oom = (ranks, step)`` raises a fake
+    out-of-memory error on those ranks at that step (tests; a real CUDA OOM cannot happen on CPU).
+    Returns the result dict that rank 0 writes to ``train_result.json``.
+    """
+    from loralab.model import DTYPES
+    from loralab.train import MemoryMeter, TrainResult, _sync, free_memory, is_oom
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = ctx.device
+    b, W, A = cfg.batch_size, ctx.world_size, ctx.grad_accum
+    G = global_batch_size(b, W, A)
+    spe = steps_per_epoch(len(train_split.rows), b, W, A)
+    if spe == 0:
+        raise ConfigError(f"global batch {G} (batch {b} x {W} GPUs x {A} accumulation): larger than the {len(train_split.rows)} training rows")
+    total = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
+    result = TrainResult(status="ok", batch_size=b, steps_per_epoch=spe, steps_done=0, total_steps=total,
+                         tokens_per_step=G * train_split.seq_len)
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.recipe.learning_rate, weight_decay=cfg.recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.recipe.lr_gamma)
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.recipe.compute_dtype])
+                if cfg.recipe.autocast else contextlib.nullcontext())
+    meter = MemoryMeter(device)
+    model.train()
+    log = (out_dir / "steps.jsonl").open("w") if ctx.is_main else None
+    times, tok_s = [], []
+    rank_peaks = [dict() for _ in range(W)]
+    step, oom_ranks, error = 0, [], None
+    if ctx.is_main:
+        progress(f"training on {W} process(es), {ctx.strategy}: batch {b} per GPU x {W} GPUs x {A} accumulation "
+                 f"= global batch {G}, {total} steps ({spe} per epoch), {result.tokens_per_step} tokens per step")
+    barrier(ctx)  # ranks start the first step together (model loading takes different times)
+    t_start = time.perf_counter()
+    done = False
+    for epoch in range(cfg.epochs):
+        for micro in rank_batches(train_split, b, pad_id, ctx.rank, W, A):
+            if step >= total:
+                done = True
+                break
+            ok, loss_sum, n_tokens = 1.0, 0.0, 0
+            meter.reset()
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                if inject_oom and ctx.rank in inject_oom[0] and step + 1 == inject_oom[1]:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+                for i, batch in enumerate(micro):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    n_tokens += int(batch["attention_mask"].sum())
+                    # DDP: all-reduce the gradients on the last micro-batch only
+                    # (with static_graph, i.e. reentrant checkpointing, DDP cannot skip a sync: it
+                    # all-reduces every micro-batch, the same average at a small cost for LoRA grads)
+                    sync = (model.no_sync() if ctx.strategy == "ddp" and ctx.enabled and i < A - 1
+                            and not getattr(model, "static_graph", False) else contextlib.nullcontext())
+                    if ctx.strategy == "fsdp" and ctx.enabled:
+                        model.set_requires_gradient_sync(i == A - 1)
+                    with sync:
+                        with autocast:
+                            outputs = model(**batch)
+                        loss = outputs.loss / A
+                        del outputs  # free the logits before backward
+                        loss.backward()
+                    loss_sum += float(loss.detach())
+                    loss = None
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+            except Exception as exc:  # noqa: BLE001 - only OOM is a result
+                if not is_oom(exc):
+                    raise
+                ok, error = 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                outputs = loss = None
+                opt.zero_grad(set_to_none=True)
+                free_memory(device)
+                write_rank_record(out_dir, ctx, {"status": "oom", "at_step": step + 1, "error": error, **meter.now()})
+            dt = time.perf_counter() - t0
+            mem = meter.read()
+            try:
+                rows = exchange(ctx, [ok, loss_sum, dt, n_tokens] + [_nan(mem[k]) for k in METRIC_KEYS])
+            except Exception:  # noqa: BLE001 - a peer is stuck in a collective this rank left
+                if ok:
+                    raise
+                if log:
+                    log.close()
+                progress(f"rank {ctx.rank}: out of memory at step {step + 1}; peers unreachable, exiting")
+                os._exit(OOM_EXIT_CODE)  # torchrun's agent stops the other workers
+            oom_ranks = [r for r, row in enumerate(rows) if row[0] == 0]
+            if oom_ranks:
+                result.status = "oom"
+                result.error = error or f"out of memory on rank(s) {oom_ranks}"
+                result.oom_memory = {"at_step": step + 1, "ranks": oom_ranks, **meter.now()}
+                if ctx.is_main:
+                    progress(f"out of memory at step {step + 1} on rank(s) {oom_ranks}: every rank stops")
+                done = True
+                break
+            step += 1
+            lv = sum(r[1] for r in rows) / W
+            dt_max = max(r[2] for r in rows)
+            tokens = int(sum(r[3] for r in rows))
+            per_rank = [{"rank": r, "loss": row[1], "step_time_s": row[2],
+                         **{k: _none(v) for k, v in zip(METRIC_KEYS, row[4:])}} for r, row in enumerate(rows)]
+            for r, pr in enumerate(per_rank):
+                for k in METRIC_KEYS:
+                    if pr[k] is not None:
+                        rank_peaks[r][k] = max(rank_peaks[r].get(k, 0.0), pr[k])
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"loss is {lv} at step {step}")
+            times.append(dt_max)
+            result.losses.append(lv)
+            result.steps_done = step
+            if ctx.is_main:
+                worst = {k: max((pr[k] for pr in per_rank if pr[k] is not None), default=None) for k in METRIC_KEYS}
+                rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"], "tokens": tokens,
+                       "tokens_per_s": tokens / dt_max, "tokens_per_s_per_gpu": tokens / dt_max / W,
+                       "step_time_s": dt_max, "elapsed_s": time.perf_counter() - t_start,
+                       "world_size": W, "per_gpu_batch_size": b, "grad_accum": A, "global_batch_size": G,
+                       **worst, "ranks": per_rank}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if step == 1 or step == total or step % max(1, cfg.log_every) == 0:
+                    progress(f"step {step}/{total}  loss {lv:.4f}  {tokens / dt_max:,.0f} tok/s "
+                             f"({tokens / dt_max / W:,.0f} per GPU)  {dt_max:.2f} s/step"
+                             + (f"  peak reserved per GPU {[round(p['peak_reserved_gib'], 2) for p in per_rank]} GiB"
+                                if worst["peak_reserved_gib"] is not None else ""))
+        if done or step >= total:
+            break
+        sched.step()  # StepLR once per epoch, as llama-recipes
+    if log:
+        log.close()
+
+    # --- finish (every rank: the FSDP adapter gather is a collective)
+    for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_active_gib"):
+        vals = [p[k] for p in rank_peaks if k in p]
+        setattr(result, k, max(vals) if vals else None)
+    dev = [p["device_used_gib"] for p in rank_peaks if "device_used_gib" in p]
+    result.peak_device_used_gib = max(dev) if dev else None
+    if times:
+        steady = times[2:] if len(times) > 4 else times
+        result.step_time_s = sum(steady) / len(steady)
+        result.tokens_per_s = result.tokens_per_step / result.step_time_s
+        result.final_loss = result.losses[-1]
+        if step >= spe:
+            result.epoch_time_s, result.epoch_time_kind = sum(times[:spe]), "measured"
+        else:
+            result.epoch_time_s = result.step_time_s * spe
+            result.epoch_time_kind = f"extrapolated from {len(steady)} steps"
+    if result.status == "ok":
+        save_adapter(model, ctx, out_dir / "adapter")
+        result.adapter_dir = str(out_dir / "adapter")
+    out = result.to_dict()
+    out.update({"world_size": W, "strategy": ctx.strategy, "per_gpu_batch_size": b, "grad_accum": A,
+                "global_batch_size": G,
+                "tokens_per_s_per_gpu": None if result.tokens_per_s is None else result.tokens_per_s / W,
+                "rank_status": ["oom" if r in oom_ranks else "ok" for r in range(W)],
+                "per_rank": [{"rank": r, **{k: p.get(k) for k in METRIC_KEYS}} for r, p in enumerate(rank_peaks)]})
+    if ctx.is_main:
+        (out_dir / "train_result.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+# --- memory --------------------------------------------------------------------------------
+def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_len: int, world_size: int,
+                             strategy: str, **kw):
+    """Per-GPU peak of one training step with DDP or FSDP2, from ``memory.predict_peak``'s terms.
+
+    ``batch_size`` is the per-GPU batch. Assumptions (each a term of the single-GPU breakdown):
+    - activations (held, layer backward, logits and loss), buffers, allocator and CUDA context:
+      unchanged per GPU: each GPU runs the single-GPU step on its own batch;
+    - DDP: weights, LoRA, gradients and AdamW states are replicated; DDP adds its gradient
+      buckets, a flat copy of the trainable gradients (``ddp_gradient_buckets`` = LoRA grads bytes;
+      PyTorch DDP notes: buckets hold a copy unless gradient_as_bucket_view=True);
+    - FSDP2 (``fully_shard`` per decoder layer + root): weights, LoRA, grads and AdamW states
+      divided by W (each GPU keeps one shard, padded: ceil); plus the all-gathered weights of the
+      layers in flight: the current layer and the prefetched next one, 2 x (one layer's weights)
+      x (W-1)/W (the local shard is already counted), and under checkpointing the recomputed layer's
+      gather in backward is the same 2 layers; the root (embeddings, LM head, norms) is unsharded
+      during forward and backward, so its full size counts (Zhao et al. 2023, PyTorch FSDP; FSDP2 docs).
+    Returns a ``MemoryBreakdown`` (same ``total`` / ``reserved`` / ``allocated`` semantics).
+    """
+    from loralab.memory import Shape, predict_peak
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if world_size < 1:
+        raise ConfigError(f"world_size={world_size}: expected an integer >= 1")
+    bd = predict_peak(model_config, recipe, batch_size, seq_len, **kw)
+    bd.info.update({"world_size": world_size, "strategy": strategy})
+    W = world_size
+    if W == 1:
+        return bd
+    if strategy == "ddp":
+        bd.add("ddp_gradient_buckets", bd.terms["lora_gradients"], "DDP buckets: a flat copy of the LoRA gradients")
+        return _reapply_overhead(bd)
+    s = Shape.of(model_config)
+    weights = {k: v for k, v in bd.terms.items() if k.startswith("weights")}
+    w_total = sum(weights.values())
+    n_other = s.V * s.H * (1 if s.tied else 2) + s.H  # embeddings, LM head, final norm: the root group
+    root_bytes = bd.terms.get("weights_embed_head_norms", 0) * n_other / max(1, n_other + 2 * s.L * s.H)
+    layer_bytes = (w_total - root_bytes) / s.L
+    for k, v in weights.items():
+        bd.terms[k] = int(math.ceil(v / W))
+        bd.sources[k] += f"; FSDP: 1/{W} shard per GPU"
+    for k in ("lora_adapter", "lora_gradients", "optimizer_states"):
+        bd.terms[k] = int(math.ceil(bd.terms[k] / W))
+        bd.sources[k] += f"; FSDP: 1/{W} shard per GPU"
+    bd.add("fsdp_root_unsharded", root_bytes * (W - 1) / W,
+           "FSDP root (embeddings, LM head, final norm) all-gathered for the whole step")
+    bd.add("fsdp_layers_in_flight", 2 * layer_bytes * (W - 1) / W,
+           "all-gathered weights of 2 decoder layers (current + prefetched), minus the local shard")
+    return _reapply_overhead(bd)
+
+
+def _reapply_overhead(bd):
+    """Recompute the allocator overhead (a fraction of the allocated peak) after terms changed."""
+    from loralab.memory import ALLOCATOR_FIXED_GIB, ALLOCATOR_OVERHEAD_FRACTION
+
+    ctx_bytes = sum(bd.terms.get(t, 0) for t in bd.context_terms)
+    allocated = bd.total - ctx_bytes - bd.terms.get("allocator_overhead", 0)
+    bd.terms["allocator_overhead"] = int(round(ALLOCATOR_OVERHEAD_FRACTION * allocated + ALLOCATOR_FIXED_GIB * GIB))
+    # keep the context last in the breakdown's order
+    for t in bd.context_terms:
+        if t in bd.terms:
+            bd.terms[t] = bd.terms.pop(t)
+    return bd
+
+
+def choose_strategy(model_config, recipe: Recipe, batch_size: int, seq_len: int, world_size: int,
+                    capacity_gib: float, allocator_cap: bool = True) -> str:
+    """"ddp" when a replica's predicted per-GPU peak fits ``capacity_gib``, else "fsdp"."""
+    bd = predict_peak_distributed(model_config, recipe, batch_size, seq_len, world_size, "ddp")
+    need = bd.reserved if allocator_cap else bd.total
+    return "ddp" if need <= capacity_gib * GIB else "fsdp"
+
+
+# --- launching -----------------------------------------------------------------------------
+@dataclass
+class LaunchArgs:
+    """How to start the ranks: torchrun's own options, passed through."""
+
+    nproc: int = 1
+    """Processes (GPUs) on this node."""
+    strategy: str = "auto"
+    """"ddp", "fsdp" or "auto" (the memory model decides)."""
+    grad_accum: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    timeout_s: float | None = None
+    """Kill the launch after this long (None: no limit)."""
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ConfigError(f"nproc={self.nproc}: expected an integer >= 1")
+        if self.strategy not in STRATEGIES + ("auto",):
+            raise ConfigError(f"strategy={self.strategy!r}: expected ddp, fsdp or auto")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum={self.grad_accum}: expected an integer >= 1")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"nnodes={self.nnodes}, node_rank={self.node_rank}: expected nnodes >= 1 and 0 <= node_rank < nnodes")
+
+
+def torchrun_command(cfg: RunConfig, out_dir: Path, la: LaunchArgs, extra: list[str] | None = None) -> list[str]:
+    """The torchrun command line (static rendezvous on master_addr:master_port)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={la.nproc}",
+            f"--nnodes={la.nnodes}", f"--node-rank={la.node_rank}", f"--master-addr={la.master_addr}",
+            f"--master-port={la.master_port}", "-m", "loralab.train_entry",
+            "--config-json", json.dumps(cfg.to_dict()), "--out-dir", str(out_dir),
+            "--strategy", la.strategy, "--grad-accum", str(la.grad_accum)] + list(extra or [])
+
+
+def merge_rank_records(out_dir: Path, world_size: int | None = None) -> dict | None:
+    """When rank 0 could not write ``train_result.json`` (a rank died alone), build it from rank records."""
+    out_dir = Path(out_dir)
+    recs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*_result.json"))]
+    if not recs:
+        return None
+    W = world_size or recs[0].get("world_size", len(recs))
+    oom = [r for r in recs if r.get("status") == "oom"]
+    first = min(oom, key=lambda r: r["at_step"]) if oom else recs[0]
+    steps = [json.loads(l) for l in (out_dir / "steps.jsonl").read_text().splitlines()] if (out_dir / "steps.jsonl").exists() else []
+    return {"status": "oom" if oom else "error", "batch_size": None, "steps_done": len(steps),
+            "losses": [s["loss"] for s in steps], "error": first.get("error"),
+            "oom_memory": {"at_step": first.get("at_step"), "ranks": [r["rank"] for r in oom]},
+            "world_size": W, "rank_status": ["oom" if any(r["rank"] == i for r in oom) else "stopped by torchrun"
+                                             for i in range(W)],
+            "merged_from_rank_records": True}
+
+
+def launch(cfg: RunConfig, out_dir: Path, la: LaunchArgs, progress=print, extra: list[str] | None = None,
+           env: dict | None = None) -> dict:
+    """Run ``loralab.train_entry`` under torchrun; return this node's train_result (merged if needed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = torchrun_command(cfg, out_dir, la, extra)
+    progress("launching: torchrun " + " ".join(cmd[3:cmd.index("--config-json")]) + " ...")
+    e = {**os.environ, **(env or {})}
+    e.setdefault("OMP_NUM_THREADS", "1")
+    import signal
+    import threading
+
+    with (out_dir / "torchrun.log").open("w") as logf:
+        # own session: on a timeout the whole tree (torchrun and its workers) is ended by its group id
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
+                                start_new_session=True)
+
+        def pump():
+            for line in proc.stdout:
+                logf.write(line)
+                logf.flush()
+                if line.startswith("[loralab]"):
+                    progress(line[len("[loralab]"):].strip())
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=la.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+            logf.write(f"[loralab] launch killed after {la.timeout_s} s\n")
+        reader.join(timeout=10)
+    res_path = out_dir / "train_result.json"
+    res = json.loads(res_path.read_text()) if res_path.exists() and la.node_rank == 0 else None
+    if res is None:
+        res = merge_rank_records(out_dir, la.nproc * la.nnodes)
+        if res is None:
+            tail = (out_dir / "torchrun.log").read_text().splitlines()[-5:]
+            res = {"status": "error" if rc else "ok", "error": f"torchrun exited {rc}: " + " | ".join(tail)}
+        if la.node_rank == 0:
+            res_path.write_text(json.dumps(res, indent=1))
+    res["torchrun_returncode"] = rc
+    return res

@@ -1,0 +1,181 @@
+"""The distributed path on CPU: torchrun, gloo, 2 processes, the tiny model.
+
+Each launch is a real ``torchrun`` (``loralab.distributed.launch``) with a wall-clock limit,
+so a hung collective fails the test instead of blocking CI.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab import distributed as D
+from loralab.config import ConfigError, RunConfig
+from loralab.data import TokenizedSplit, load_splits, tokenize_splits
+from loralab.memory import GIB, predict_peak, preset_config
+from loralab.model import load_for_training
+from loralab.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 150
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fp32_cfg(batch_size: int, steps: int = 3, **recipe) -> RunConfig:
+    """fp32 everywhere (the 1 % comparison must not hide behind bf16 noise), tiny, 128-token chunks."""
+    cfg = RunConfig(model="tiny", recipe="seed", batch_size=batch_size, seq_len=128, max_steps=steps, device="cpu")
+    cfg.recipe = cfg.recipe.replace(quantization="none", prepare_for_kbit=False, gradient_checkpointing="none",
+                                    attn_implementation="sdpa", **recipe)
+    return cfg
+
+
+def launch(cfg, out, **kw):
+    la = D.LaunchArgs(master_port=free_port(), timeout_s=LAUNCH_TIMEOUT_S, **kw)
+    return D.launch(cfg, out, la, progress=lambda *a: None, env={"LORALAB_DIST_TIMEOUT_S": "10"})
+
+
+def steps_of(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    """The reference: one process, batch 4, train.train (the single-GPU loop)."""
+    cfg = fp32_cfg(4)
+    model, tok, _ = load_for_training(cfg, progress=lambda *a: None)
+    ts = tokenize_splits(tok, load_splits("builtin"), cfg.seq_len)
+    r = train(cfg, model, ts["train"], tmp_path_factory.mktemp("one"), tok.pad_id, progress=lambda *a: None)
+    return r.losses
+
+
+# --- pure functions --------------------------------------------------------------------------
+def test_rank_batches_partition_the_global_batch_in_order():
+    split = TokenizedSplit(rows=[[i] * 4 for i in range(20)], n_examples=20, n_tokens=80, lengths=[4] * 20,
+                           packed=True, seq_len=4)
+    # 2 ranks x batch 2 x 2 accumulation = global batch 8: 2 steps, rows 16..19 dropped
+    seen = {}
+    for r in range(2):
+        seen[r] = [[b["input_ids"][:, 0].tolist() for b in micro] for micro in D.rank_batches(split, 2, 0, r, 2, 2)]
+    assert seen[0] == [[[0, 1], [4, 5]], [[8, 9], [12, 13]]]
+    assert seen[1] == [[[2, 3], [6, 7]], [[10, 11], [14, 15]]]
+    assert D.steps_per_epoch(20, 2, 2, 2) == 2 and D.global_batch_size(2, 2, 2) == 8
+
+
+def test_predicted_per_gpu_peak_ddp_and_fsdp():
+    cfg7 = preset_config("llama2-7b")
+    from loralab.config import get_recipe
+
+    fast = get_recipe("fast")
+    one = predict_peak(cfg7, fast, 1, 2048)
+    ddp = D.predict_peak_distributed(cfg7, fast, 1, 2048, 2, "ddp")
+    # DDP: the one-GPU step plus a bucket copy of the LoRA grads (4,194,304 x 4 B = 16 MiB)
+    assert ddp.terms["ddp_gradient_buckets"] == 4 * 4_194_304
+    assert 0 < ddp.total - one.total < 0.02 * GIB
+    fsdp = D.predict_peak_distributed(cfg7, fast, 1, 2048, 2, "fsdp")
+    # FSDP: the 12.55 GiB of bf16 weights become 6.28 GiB per GPU, plus the gathered root and 2 layers
+    assert fsdp.terms["weights_linear"] == pytest.approx(one.terms["weights_linear"] / 2, abs=1)
+    assert fsdp.terms["activations_held"] == one.terms["activations_held"]
+    saved = one.total - fsdp.total
+    assert 5.0 * GIB < saved < 6.3 * GIB
+    assert D.predict_peak_distributed(cfg7, fast, 1, 2048, 1, "fsdp").total == one.total
+
+
+def test_strategy_choice_by_the_memory_model():
+    from loralab.config import get_recipe
+    from loralab.train_entry import SHAPES
+
+    fast_ckpt = get_recipe("fast").replace(gradient_checkpointing="full")
+    cfg13 = SHAPES["llama2-13b"]
+    # 13B in bf16 is 24.2 GiB of weights: no replica fits 24 GiB, shards do
+    assert D.choose_strategy(cfg13, fast_ckpt, 1, 2048, 2, 24.0) == "fsdp"
+    assert D.predict_peak_distributed(cfg13, fast_ckpt, 1, 2048, 2, "fsdp").reserved < 24 * GIB
+    assert D.choose_strategy(preset_config("llama2-7b"), get_recipe("fast"), 1, 2048, 2, 80.0) == "ddp"
+
+
+def test_bad_launch_arguments_are_config_errors():
+    for kw in ({"nproc": 0}, {"strategy": "zero3"}, {"grad_accum": 0}, {"nnodes": 2, "node_rank": 2}):
+        with pytest.raises(ConfigError):
+            D.LaunchArgs(**kw)
+
+
+# --- torchrun, gloo, 2 processes ---------------------------------------------------------------
+def test_ddp_two_ranks_match_one_process(tmp_path, one_process_losses):
+    """(a) 2 processes x batch 2 == 1 process x batch 4, step for step, within 1 %."""
+    res = launch(fp32_cfg(2), tmp_path, nproc=2, strategy="ddp")
+    assert res["status"] == "ok", res
+    assert res["torchrun_returncode"] == 0
+    torch.testing.assert_close(res["losses"], one_process_losses, rtol=0.01, atol=0)
+    assert (res["world_size"], res["per_gpu_batch_size"], res["grad_accum"], res["global_batch_size"]) == (2, 2, 1, 4)
+    lines = steps_of(tmp_path)
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    assert lines[0]["tokens"] == 4 * 128 and len(lines[0]["ranks"]) == 2
+    assert lines[0]["tokens_per_s_per_gpu"] == pytest.approx(lines[0]["tokens_per_s"] / 2)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_fsdp_two_ranks_match_one_process_and_save_the_whole_adapter(tmp_path, one_process_losses):
+    """(b) FSDP2 fully_shard runs on CPU with gloo in torch 2.13: same losses, a complete adapter."""
+    res = launch(fp32_cfg(2), tmp_path, nproc=2, strategy="fsdp")
+    assert res["status"] == "ok", res
+    torch.testing.assert_close(res["losses"], one_process_losses, rtol=0.01, atol=0)
+    from safetensors.torch import load_file
+
+    sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    a = next(v for k, v in sd.items() if "lora_A" in k)
+    assert a.shape == (8, 128)  # the full (r x hidden) matrix, not a shard
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path, one_process_losses):
+    """2 ranks x batch 1 x 2 accumulation steps == 1 process x batch 4."""
+    res = launch(fp32_cfg(1), tmp_path, nproc=2, strategy="ddp", grad_accum=2)
+    assert res["status"] == "ok", res
+    torch.testing.assert_close(res["losses"], one_process_losses, rtol=0.01, atol=0)
+
+
+def test_oom_on_every_rank_stops_all_cleanly(tmp_path):
+    """(c) the agreement path: every rank sees the OOM flag, stops together and exits 0."""
+    res = D.launch(fp32_cfg(2, steps=4), tmp_path,
+                   D.LaunchArgs(nproc=2, strategy="ddp", master_port=free_port(), timeout_s=LAUNCH_TIMEOUT_S),
+                   progress=lambda *a: None, extra=["--inject-oom-ranks", "0,1", "--inject-oom-step", "2"])
+    assert res["status"] == "oom" and res["torchrun_returncode"] == 0
+    assert res["rank_status"] == ["oom", "oom"] and res["steps_done"] == 1
+    assert len(steps_of(tmp_path)) == 1
+
+
+def test_oom_on_one_rank_ends_the_run_without_a_hang(tmp_path):
+    """(c) rank 1 alone runs out of memory while rank 0 waits in DDP's all-reduce: rank 1 records it,
+    its control exchange times out (10 s here), it exits, torchrun stops rank 0; the result is "oom"."""
+    res = D.launch(fp32_cfg(2, steps=4), tmp_path,
+                   D.LaunchArgs(nproc=2, strategy="ddp", master_port=free_port(), timeout_s=LAUNCH_TIMEOUT_S),
+                   progress=lambda *a: None, env={"LORALAB_DIST_TIMEOUT_S": "10"},
+                   extra=["--inject-oom-ranks", "1", "--inject-oom-step", "2"])
+    assert res["status"] == "oom", res
+    assert res["oom_memory"]["at_step"] == 2 and res["oom_memory"]["ranks"] == [1]
+    assert res["rank_status"][1] == "oom"
+    assert json.loads((tmp_path / "train_result.json").read_text())["status"] == "oom"
+    assert "killed after" not in (tmp_path / "torchrun.log").read_text()  # ended on its own, not by our limit
+
+
+@pytest.mark.slow
+def test_run_all_nproc_2_end_to_end(tmp_path):
+    """(d) run_all --nproc 2 on CPU: notebooks 03 and 06 with two processes per training run."""
+    cmd = [sys.executable, str(REPO / "run_all.py"), "--nproc", "2", "--device", "cpu", "--batch-sizes", "2",
+           "--recipe", "fast", "--seq-len", "128", "--max-steps", "3", "--notebooks", "00", "01", "03", "06",
+           "--out", str(tmp_path), "--run-id", "dist", "--master-port", str(free_port())]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = tmp_path / "dist"
+    tr = json.loads((run / "bs2" / "train_result.json").read_text())
+    assert tr["status"] == "ok" and tr["world_size"] == 2 and tr["global_batch_size"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sweep"][0]["status"] == "ok"
+    assert (run / "03_training_bs2.html").exists()
