@@ -33,6 +33,13 @@ gpu_memory_gib = 0.0  # 0 = whole card
 device = "auto"
 seed = 42
 run_dir = ""  # "" = a temporary folder
+nproc = 1  # GPUs (processes) per node; > 1 trains under torchrun, batch_size is per GPU
+strategy = "auto"  # ddp | fsdp | auto (the memory model decides)
+grad_accum = 1  # global batch = batch_size x GPUs x grad_accum
+nnodes = 1
+node_rank = 0
+master_addr = "127.0.0.1"
+master_port = 29500
 
 # %%
 import json
@@ -57,6 +64,10 @@ cfg = run_config_from_params(model, tokenizer, data, recipe, attn, batch_size, s
                              max_steps, gpu_memory_gib, device, seed)
 out_dir = Path(run_dir) / f"bs{batch_size}" if run_dir else Path(tempfile.mkdtemp(prefix="loralab-"))
 print(f"batch size {batch_size}, recipe {cfg.recipe.name}, results in {out_dir}")
+distributed = nproc * nnodes > 1 or grad_accum > 1  # then torchrun trains, this kernel only reports
+if distributed:
+    print(f"{nproc * nnodes} GPU(s) ({nnodes} node(s)), strategy {strategy}: global batch = {batch_size} per GPU "
+          f"x {nproc * nnodes} GPUs x {grad_accum} accumulation = {batch_size * nproc * nnodes * grad_accum}")
 
 # %% [markdown]
 # ## The recipe, resolved
@@ -69,10 +80,22 @@ config_table(cfg)
 # ## Model and data
 
 # %%
-model_obj, tok, info = load_for_training(cfg)
+if distributed:  # the ranks load the model themselves; here only its shape and the data counts
+    from loralab.train_entry import model_config_of
+    from loralab.model import resolve_model_folder, resolve_tokenizer_path, is_preset
+    from loralab.tokenizer import load_tokenizer
+    from loralab.train_entry import SHAPES
+    model_config = model_config_of(cfg)
+    tok = load_tokenizer(cfg.tokenizer if cfg.model in SHAPES else resolve_tokenizer_path(cfg, resolve_model_folder(cfg.model)))
+    info = {"random_weights": is_preset(cfg.model) or cfg.model in SHAPES, "trainable_params": None}
+else:
+    model_obj, tok, info = load_for_training(cfg)
+    model_config = model_obj.config
 tsplits = tokenize_splits(tok, load_splits(cfg.data), cfg.seq_len, cfg.packing)
 train_split = tsplits["train"]
-info_table = {**info, "train rows": len(train_split.rows), "steps per epoch": train_split.steps_per_epoch(batch_size)}
+gpus = nproc * nnodes
+info_table = {**info, "train rows": len(train_split.rows),
+              "steps per epoch": len(train_split.rows) // (batch_size * gpus * grad_accum)}
 pd.DataFrame(info_table.items(), columns=["item", "value"])
 
 # %% [markdown]
@@ -81,7 +104,15 @@ pd.DataFrame(info_table.items(), columns=["item", "value"])
 # loralab's analytic memory model (notebook 02) for this recipe, batch size and sequence length.
 
 # %%
-prediction = predict_peak(model_obj.config, cfg.recipe, batch_size, cfg.seq_len)
+if distributed:
+    from loralab.distributed import predict_peak_distributed
+    from loralab.train_entry import resolve_strategy
+    import torch
+    strategy = resolve_strategy(strategy, cfg, gpus, torch.device("cuda", 0) if torch.cuda.is_available() and device != "cpu" else torch.device("cpu"))
+    print(f"strategy: {strategy}; the prediction is per GPU")
+    prediction = predict_peak_distributed(model_config, cfg.recipe, batch_size, cfg.seq_len, gpus, strategy)
+else:
+    prediction = predict_peak(model_config, cfg.recipe, batch_size, cfg.seq_len)
 predicted_reserved_gib = prediction.reserved / GIB
 print(f"predicted peak: {predicted_reserved_gib:.2f} GiB reserved by PyTorch, "
       f"{prediction.total / GIB:.2f} GiB device used (CUDA context included); peak during {prediction.phase}")
@@ -94,15 +125,29 @@ display(Markdown(prediction.markdown()))
 # utilisation and memory (host CPU and memory on a machine without a GPU).
 
 # %%
-with GpuMonitor(interval_s=0.5) as monitor:
-    result = train(cfg, model_obj, train_split, out_dir, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id)
+if distributed:
+    from dataclasses import fields
+    from loralab.distributed import LaunchArgs, launch
+    from loralab.train import TrainResult
+    la = LaunchArgs(nproc=nproc, strategy=strategy, grad_accum=grad_accum, nnodes=nnodes, node_rank=node_rank,
+                    master_addr=master_addr, master_port=master_port)
+    with GpuMonitor(interval_s=0.5) as monitor:
+        dist_result = launch(cfg, out_dir, la)
+    known = {f.name for f in fields(TrainResult)}
+    required = {"status": "error", "batch_size": batch_size, "steps_per_epoch": 0, "steps_done": 0,
+                "total_steps": 0, "tokens_per_step": 0}
+    result = TrainResult(**{**required, **{k: v for k, v in dist_result.items() if k in known and v is not None}})
+    result_d = {**dist_result, **result.to_dict()}
+else:
+    with GpuMonitor(interval_s=0.5) as monitor:
+        result = train(cfg, model_obj, train_split, out_dir, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id)
+    result_d = result.to_dict()
 samples = monitor.dataframe()
 samples.to_csv(out_dir / "monitor.csv", index=False)
-result_d = result.to_dict()
 result_d["predicted_peak_gib"] = predicted_reserved_gib
 result_d["predicted_device_gib"] = prediction.total / GIB
 result_d["random_weights"] = info["random_weights"]
-result_d["trainable_params"] = info["trainable_params"]
+result_d["trainable_params"] = info["trainable_params"] or result_d.get("trainable_params")
 (out_dir / "train_result.json").write_text(json.dumps(result_d, indent=1))
 
 # %% [markdown]
@@ -136,7 +181,7 @@ pd.DataFrame(rows.items(), columns=["measure", "value"])
 # ## Loss per step (the study's Figures 7 and 8)
 
 # %%
-steps = pd.read_json(out_dir / "steps.jsonl", lines=True) if (out_dir / "steps.jsonl").stat().st_size else pd.DataFrame()
+steps = pd.read_json(out_dir / "steps.jsonl", lines=True) if (out_dir / "steps.jsonl").exists() and (out_dir / "steps.jsonl").stat().st_size else pd.DataFrame()
 if len(steps):
     fig = go.Figure(go.Scatter(x=steps["step"], y=steps["loss"], mode="lines+markers", name="loss"))
     fig.update_layout(title=f"Training loss, batch size {batch_size}", xaxis_title="step", yaxis_title="loss", height=350)
@@ -185,3 +230,34 @@ if len(samples):
         fig.add_trace(go.Scatter(x=samples["t_s"], y=samples[col], name=col, mode="lines"))
     fig.update_layout(title="Monitor samples over time", xaxis_title="seconds", height=350)
     fig.show()
+
+# %% [markdown]
+# ## Per GPU (when several GPUs trained)
+#
+# Global batch = batch per GPU x GPUs x accumulation steps. Every rank reports its own peak memory
+# each step; rank 0 writes them all to `steps.jsonl`. Throughput is the whole job's and per GPU.
+
+# %%
+if distributed:
+    per = pd.DataFrame(result_d.get("per_rank") or [])
+    display(Markdown(f"**{result_d.get('world_size')} GPUs, {result_d.get('strategy')}**: batch {batch_size} per GPU x "
+                     f"{result_d.get('world_size')} GPUs x {result_d.get('grad_accum')} accumulation = global batch "
+                     f"{result_d.get('global_batch_size')}; "
+                     + (f"{result_d['tokens_per_s']:,.0f} tok/s in total, {result_d['tokens_per_s_per_gpu']:,.0f} tok/s per GPU; "
+                        if result_d.get("tokens_per_s") else "")
+                     + f"predicted peak reserved per GPU {predicted_reserved_gib:.2f} GiB."))
+    display(per.rename(columns=lambda c: c.replace("_gib", " (GiB)")))
+    if len(steps) and "ranks" in steps:
+        fig = go.Figure()
+        for r in range(int(result_d.get("world_size") or 1)):
+            y = [row[r]["peak_reserved_gib"] for row in steps["ranks"]]
+            if any(v is not None for v in y):
+                fig.add_trace(go.Scatter(x=steps["step"], y=y, name=f"GPU {r}", mode="lines+markers"))
+        if fig.data:
+            fig.add_hline(y=predicted_reserved_gib, line_dash="dot", annotation_text="predicted per GPU")
+            fig.update_layout(title="Peak reserved per GPU per step (GiB)", xaxis_title="step", yaxis_title="GiB", height=320)
+            fig.show()
+        else:
+            print("CPU run: no GPU memory per rank to show")
+else:
+    print("one process: see the sections above")
