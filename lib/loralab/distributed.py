@@ -141,8 +141,30 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
+class LossModule(torch.nn.Module):
+    """``forward(batch) -> loss`` as the recipe computes it (``loralab.fast.forward_loss``).
+
+    The fast recipe's chunked cross-entropy calls the decoder and the LM head directly, not the
+    model's ``forward``: wrapping the whole loss in one module makes DDP (which prepares its
+    gradient all-reduce in its own ``forward``) and the FSDP root (which all-gathers the
+    embeddings and LM head in its pre-forward hook) see every step."""
+
+    def __init__(self, model, recipe: Recipe | None):
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        try:
+            from loralab.fast import forward_loss
+        except ImportError:  # before the fast recipe's levers existed
+            return self.model(**batch).loss
+        return forward_loss(self.model, batch, self.recipe)
+
+
 def wrap_model(model, ctx: DistContext, recipe: Recipe | None = None):
-    """DDP or FSDP2 around a PeftModel already on ``ctx.device``; returns the module to call."""
+    """DDP or FSDP2 around a PeftModel already on ``ctx.device``; returns a module: ``loss = m(batch)``."""
+    model = LossModule(model, recipe)
     if ctx.strategy == "ddp":
         if not ctx.enabled:
             return model
@@ -167,7 +189,10 @@ def wrap_model(model, ctx: DistContext, recipe: Recipe | None = None):
 
 
 def unwrap(model):
-    return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
+    """The PeftModel inside DDP / LossModule."""
+    while not hasattr(model, "peft_config"):
+        model = model.module if hasattr(model, "module") else model.model
+    return model
 
 
 def save_adapter(model, ctx: DistContext, adapter_dir: Path) -> None:
@@ -299,9 +324,7 @@ def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id:
                         model.set_requires_gradient_sync(i == A - 1)
                     with sync:
                         with autocast:
-                            outputs = model(**batch)
-                        loss = outputs.loss / A
-                        del outputs  # free the logits before backward
+                            loss = model(batch) / A  # the logits are freed inside (never held to backward)
                         loss.backward()
                     loss_sum += float(loss.detach())
                     loss = None
@@ -312,7 +335,7 @@ def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id:
                 if not is_oom(exc):
                     raise
                 ok, error = 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                outputs = loss = None
+                loss = None
                 opt.zero_grad(set_to_none=True)
                 free_memory(device)
                 write_rank_record(out_dir, ctx, {"status": "oom", "at_step": step + 1, "error": error, **meter.now()})

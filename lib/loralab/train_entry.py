@@ -75,10 +75,11 @@ def load_random_shape(cfg: RunConfig, ctx: D.DistContext):
     with torch.device("meta"):
         base = LlamaForCausalLM(lc).to(DTYPES[cfg.recipe.param_dtype])
     model = add_lora(base, cfg.recipe).to("meta")
-    wrapped = D.wrap_model(model, ctx, cfg.recipe) if ctx.strategy == "fsdp" else model
-    wrapped.to_empty(device=ctx.device)
+    if ctx.strategy == "fsdp":
+        wrapped = D.wrap_model(model, ctx, cfg.recipe)
+    model.to_empty(device=ctx.device)
     torch.manual_seed(cfg.seed + ctx.rank)
-    _init_random_(wrapped, ctx.device)
+    _init_random_(model, ctx.device)
     if ctx.strategy == "ddp":
         wrapped = D.wrap_model(model, ctx, cfg.recipe)
     trainable, total = trainable_parameters(model)
