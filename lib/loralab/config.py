@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 QUANTIZATIONS = ("none", "int8", "nf4")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
-CHECKPOINTING = ("none", "full")
+CHECKPOINTING = ("none", "full", "selective", "offload")
+CROSS_ENTROPY = ("hf", "chunked", "liger")
+SWITCH = ("off", "auto", "on")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -60,6 +62,25 @@ class Recipe:
     """StepLR factor applied once per epoch (llama-recipes)."""
     prepare_for_kbit: bool = True
     """peft's prepare_model_for_kbit_training: casts non-quantized params to fp32, enables input grads."""
+    # --- speed levers (loralab.fast); the defaults leave seed and qlora as they were
+    checkpoint_layers: int | None = None
+    """None: gradient_checkpointing applies to every decoder layer; N: only to the first N
+    (loralab.fast's non-reentrant wrapper; 0 layers = none)."""
+    cross_entropy: str = "hf"
+    """"hf": logits materialised, HF's fp32 loss; "chunked": loralab.fast's LM head + CE in chunks of
+    tokens, never the whole batch's fp32 logits (runs everywhere); "liger": Liger's fused linear CE (CUDA)."""
+    ce_chunk_tokens: int = 2048
+    """Tokens per chunk of the "chunked" cross-entropy (chunk x vocab fp32 logits at a time)."""
+    liger: str = "off"
+    """Liger kernels for RoPE, RMSNorm, SwiGLU: "off", "on" (error if unavailable) or "auto"
+    (on when CUDA and liger-kernel are there and torch.compile is not active)."""
+    compile: str = "off"
+    """torch.compile of each decoder layer (regional): "off", "on", "auto" (on when CUDA)."""
+    lora_matmul_dtype: str = "adapter"
+    """"adapter": peft's default, the input is cast to the adapter's fp32 (a T x H copy per LoRA
+    module); "input": the fp32 adapter weights are cast to the input's dtype (bf16) instead."""
+    doc_position_ids: bool = False
+    """Packed rows: position ids restart at every BOS (per-document RoPE positions)."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -67,6 +88,14 @@ class Recipe:
         _choice("compute_dtype", self.compute_dtype, DTYPES)
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
         _choice("attn_implementation", self.attn_implementation, ATTENTION)
+        _choice("cross_entropy", self.cross_entropy, CROSS_ENTROPY)
+        _choice("liger", self.liger, SWITCH)
+        _choice("compile", self.compile, SWITCH)
+        _choice("lora_matmul_dtype", self.lora_matmul_dtype, ("adapter", "input"))
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ConfigError(f"checkpoint_layers={self.checkpoint_layers}: expected None or an integer >= 0")
+        if self.ce_chunk_tokens < 1:
+            raise ConfigError(f"ce_chunk_tokens={self.ce_chunk_tokens}: expected an integer >= 1")
         if self.lora_r < 1:
             raise ConfigError(f"lora_r={self.lora_r}: expected an integer >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -86,8 +115,10 @@ RECIPES: dict[str, Recipe] = {
     # The study (Dell 2023, llama-recipes defaults): int8 base, everything else
     # fp32, no autocast, checkpointing on, eager attention, LoRA r8 on q/v.
     "seed": Recipe(name="seed", quantization="int8"),
-    # loralab's own: bf16 weights and compute, fused attention, no quantization.
-    # A later issue adds fused kernels and more levers; each stays a switch.
+    # loralab's own (loralab.fast, each lever a switch): bf16 weights and compute,
+    # SDPA (flash) attention, no checkpointing, LoRA without dropout and in bf16
+    # (fp32 master weights), chunked cross-entropy, compiled decoder layers on CUDA
+    # (Liger's RoPE/RMSNorm/SwiGLU when compile is off and liger-kernel is there).
     "fast": Recipe(
         name="fast",
         quantization="none",
@@ -95,7 +126,12 @@ RECIPES: dict[str, Recipe] = {
         compute_dtype="bfloat16",
         gradient_checkpointing="none",
         attn_implementation="sdpa",
+        lora_dropout=0.0,
         prepare_for_kbit=False,
+        cross_entropy="chunked",
+        liger="auto",
+        compile="auto",
+        lora_matmul_dtype="input",
     ),
     # QLoRA: 4-bit NF4 base with double quantization, bf16 compute.
     "qlora": Recipe(

@@ -147,10 +147,13 @@ def resolve_tokenizer_path(cfg: RunConfig, model_folder: Path) -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" | "cpu" | "cuda" -> a torch.device; CUDA devices always carry an index (cuda:N)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda': no CUDA GPU is visible; use --device cpu or auto")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda': no CUDA GPU is visible; use --device cpu or auto")
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 
@@ -162,7 +165,7 @@ def cap_gpu_memory(gib: float | None, device: torch.device) -> None:
     frac = gib * 2**30 / total
     if frac > 1:
         raise ConfigError(f"gpu_memory_gib={gib}: larger than this GPU ({total / 2**30:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(frac, device)
+    torch.cuda.set_per_process_memory_fraction(frac, device.index)
 
 
 def quantization_config(recipe: Recipe):
@@ -180,12 +183,18 @@ def quantization_config(recipe: Recipe):
 
 def load_base_model(folder: Path, recipe: Recipe, device: torch.device):
     """The frozen base model as the recipe wants it, in train mode."""
+    import warnings
+
     from transformers import AutoModelForCausalLM
+
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: that is the
+    # study's real behaviour (int8 matmuls compute in fp16), said once in the reports instead.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     qc = quantization_config(recipe)
     kwargs = dict(dtype=DTYPES[recipe.param_dtype], attn_implementation=recipe.attn_implementation)
     if qc is not None:
-        kwargs.update(quantization_config=qc, device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+        kwargs.update(quantization_config=qc, device_map={"": device.index} if device.type == "cuda" else {"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if qc is None:
         model.to(device)
@@ -208,13 +217,16 @@ def add_lora(model, recipe: Recipe):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    if recipe.gradient_checkpointing == "full":
-        enable_checkpointing(model)
+    if recipe.gradient_checkpointing == "full" and recipe.checkpoint_layers is None:
+        enable_checkpointing(model)  # other variants: loralab.fast's wrapper (apply_levers)
     lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=list(recipe.lora_targets), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     # from_pretrained returns eval mode; HF skips checkpointing (and dropout) in eval mode.
     model.train()
+    from loralab.fast import apply_levers  # the fast recipe's switches; plain recipes: no-ops
+
+    apply_levers(model, recipe)
     return model
 
 

@@ -27,6 +27,7 @@ import torch
 
 from loralab.config import RunConfig
 from loralab.data import TokenizedSplit, batches
+from loralab.fast import forward_loss
 from loralab.model import DTYPES
 
 GIB = 2**30
@@ -156,8 +157,7 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
                 _sync(device)
                 t0 = time.perf_counter()
                 with autocast:
-                    outputs = model(**batch)
-                loss = outputs.loss
+                    loss = forward_loss(model, batch, cfg.recipe)  # outputs.loss, or loralab.fast's chunked CE
                 loss_value = loss.detach()
                 del outputs  # free the logits before backward (they would peak with its memory)
                 outputs = None
