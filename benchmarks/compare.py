@@ -101,6 +101,8 @@ class Worker:
     def __init__(self, spec: dict):
         self.spec = spec
         self.dev = torch.device(spec["device"])
+        if self.dev.type == "cuda" and self.dev.index is None:  # caps and stats need cuda:N
+            self.dev = torch.device("cuda", torch.cuda.current_device())
         r = dict(spec["recipe"])
         r["lora_targets"] = tuple(r["lora_targets"])
         self.recipe = Recipe(**r)

@@ -251,20 +251,26 @@ def main(argv=None) -> int:
         args.cap_gib = M.predict_peak(cfg, M.recipe_variant("seed"), 2, args.seq_len).reserved / 2**30 * 1.001
     rows, cap_rows = [], []
     t0 = time.perf_counter()
+
+    def write() -> dict:  # after every group, so a run cut short still leaves its measurements
+        result = {
+            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+            "model": args.model, "random_weights": True, "seq_len": args.seq_len, "steps": args.steps,
+            "gpu": gpu_info(), "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_OVERHEAD_FRACTION": M.ALLOCATOR_OVERHEAD_FRACTION,
+                          "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
+            "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),
+        }
+        (out / "memory_sweep.json").write_text(json.dumps(result, indent=1))
+        (out / "memory_sweep.md").write_text(markdown(result))
+        return result
+
+    result = write()
     for group in GROUPS:
         names = [n for n in group if n in args.recipes]
         if names:
             run_group(names, args, cfg, device, rows, cap_rows)
-    result = {
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "model": args.model, "random_weights": True, "seq_len": args.seq_len, "steps": args.steps,
-        "gpu": gpu_info(), "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_OVERHEAD_FRACTION": M.ALLOCATOR_OVERHEAD_FRACTION,
-                      "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
-        "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),
-    }
-    (out / "memory_sweep.json").write_text(json.dumps(result, indent=1))
-    (out / "memory_sweep.md").write_text(markdown(result))
+            result = write()
     log(f"wrote {out / 'memory_sweep.json'} and memory_sweep.md in {result['seconds']} s")
     return 0
 

@@ -194,7 +194,7 @@ def load_base_model(folder: Path, recipe: Recipe, device: torch.device):
     qc = quantization_config(recipe)
     kwargs = dict(dtype=DTYPES[recipe.param_dtype], attn_implementation=recipe.attn_implementation)
     if qc is not None:
-        kwargs.update(quantization_config=qc, device_map={"": device.index} if device.type == "cuda" else {"": "cpu"})
+        kwargs.update(quantization_config=qc, device_map={"": device.index if device.index is not None else torch.cuda.current_device()} if device.type == "cuda" else {"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if qc is None:
         model.to(device)
