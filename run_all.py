@@ -38,6 +38,14 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--eval-examples", type=int, default=50, help="test dialogues summarised in notebook 05")
     p.add_argument("--notebooks", nargs="+", default=["00", "01", "02", "03", "04", "05", "06"],
                    help="which notebooks to run (prefixes), e.g. --notebooks 00 01 03 06")
+    g = p.add_argument_group("several GPUs and nodes (torchrun)")
+    g.add_argument("--nproc", type=int, default=1, help="GPUs (processes) per node; > 1 trains under torchrun; batch sizes are per GPU")
+    g.add_argument("--strategy", default="auto", help="ddp (a replica per GPU), fsdp (sharded weights) or auto (the memory model decides)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps; global batch = batch x GPUs x this")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes; run the same command on each with its --node-rank")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank (0 .. nnodes-1)")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (torchrun rendezvous)")
+    g.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0")
     p.add_argument("--out", default="outputs", help="parent folder of run folders")
     p.add_argument("--run-id", default="", help="run folder name (default: timestamp-model-recipe); never reused")
     return p.parse_args(argv)
@@ -61,7 +69,9 @@ def to_sweep_args(ns):
                      recipe=ns.recipe, attn=ns.attn, seq_len=ns.seq_len, packing=not ns.no_packing,
                      epochs=ns.epochs, max_steps=ns.max_steps, gpu_memory_gib=ns.gpu_memory_gib,
                      device=ns.device, seed=ns.seed, out=ns.out, run_id=ns.run_id,
-                     notebooks=ns.notebooks, eval_examples=ns.eval_examples)
+                     notebooks=ns.notebooks, eval_examples=ns.eval_examples,
+                     nproc=ns.nproc, strategy=ns.strategy, grad_accum=ns.grad_accum, nnodes=ns.nnodes,
+                     node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,14 @@ class SweepArgs:
     run_id: str = ""
     notebooks: list[str] = field(default_factory=lambda: ["00", "01", "02", "03", "04", "05", "06"])
     eval_examples: int = 50
+    # several GPUs / nodes (loralab.distributed): training runs under torchrun when nproc * nnodes > 1
+    nproc: int = 1
+    strategy: str = "auto"
+    grad_accum: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
 
 
 def notebook_path(prefix: str) -> Path:
@@ -86,6 +94,9 @@ def validate(a: SweepArgs) -> None:
     elif a.model == "llama2-7b":
         raise ConfigError("tokenizer: the llama2-7b preset has no tokenizer; pass --tokenizer with a Llama 2 tokenizer.model (vocab 32000)")
     load_splits(a.data)
+    from loralab.distributed import LaunchArgs
+    LaunchArgs(nproc=a.nproc, strategy=a.strategy, grad_accum=a.grad_accum, nnodes=a.nnodes,
+               node_rank=a.node_rank, master_addr=a.master_addr, master_port=a.master_port)
     for nb in a.notebooks:
         notebook_path(nb)
 
@@ -161,7 +172,10 @@ def execute(nb_prefix: str, run_dir: Path, params: dict, tag: str = "") -> dict:
     elapsed = time.perf_counter() - t0
     html_path = run_dir / f"{stem}.html"
     if out_nb.exists():
-        to_html(out_nb, html_path)
+        try:
+            to_html(out_nb, html_path)
+        except Exception as exc:  # noqa: BLE001 - the executed .ipynb is still there; say why no HTML
+            status, error = "error", (error + "; " if error else "") + f"HTML export failed: {_short_error(exc)}"
     return {"notebook": src.stem, "tag": tag, "status": status, "error": error,
             "elapsed_s": round(elapsed, 1), "html": html_path.name if html_path.exists() else None}
 
@@ -235,6 +249,9 @@ def collect_summary(run_dir: Path, a: SweepArgs, batch_sizes: list[int], records
                                                "peak_reserved_gib", "peak_device_used_gib", "tokens_per_s",
                                                "epoch_time_s", "epoch_time_kind", "final_loss", "error")})
             row["predicted_peak_gib"] = tr.get("predicted_peak_gib")
+            for k in ("world_size", "strategy", "grad_accum", "global_batch_size", "tokens_per_s_per_gpu", "per_rank"):
+                if k in tr:
+                    row[k] = tr[k]
         elif rec:
             row["error"] = rec["error"] or "training notebook wrote no result"
         for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu"):
@@ -289,7 +306,9 @@ def run_sweep(a: SweepArgs, log=print) -> Path:
     base = {"model": a.model, "tokenizer": a.tokenizer, "data": a.data, "recipe": a.recipe, "attn": a.attn,
             "seq_len": a.seq_len, "packing": a.packing, "epochs": a.epochs, "max_steps": a.max_steps or 0,
             "gpu_memory_gib": a.gpu_memory_gib or 0.0, "device": a.device, "seed": a.seed,
-            "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples}
+            "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples,
+            "nproc": a.nproc, "strategy": a.strategy, "grad_accum": a.grad_accum, "nnodes": a.nnodes,
+            "node_rank": a.node_rank, "master_addr": a.master_addr, "master_port": a.master_port}
     batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else []
     plan = build_plan(a.notebooks, batch_sizes)
     log(f"loralab: run folder {run_dir}  ({len(plan)} notebooks)")
