@@ -67,6 +67,11 @@ if ok:
     best = max(ok, key=lambda b: val(b, "tokens_per_s") or 0)
     lines.append(f"- **Fastest:** batch size {best} at {val(best, 'tokens_per_s'):,.0f} tok/s; "
                  f"epoch {val(best, 'epoch_time_s'):,.0f} s ({val(best, 'epoch_time_kind')})")
+auto = read_json(run, "results/autobatch.json")
+if auto:
+    lines.append(f"- **Batch size chosen automatically:** {auto['chosen']} — predicted {auto['predicted_gib']:.2f} GiB, "
+                 f"measured {auto['measured_gib']:.2f} GiB, headroom {auto['headroom_gib']:.2f} GiB of "
+                 f"{auto['capacity_gib']:.1f} GiB ({auto['capacity_kind']}); tried {[t['batch_size'] for t in auto['tried']]}")
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]

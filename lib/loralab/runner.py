@@ -86,7 +86,11 @@ def validate(a: SweepArgs) -> None:
         for b in a.batch_sizes:
             run_config(a, b)  # validates batch size, recipe, attention, steps, device, cap
     else:
+        import torch
+
         run_config(a, 1)
+        if a.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("--batch-sizes auto: needs a CUDA GPU (it confirms the choice with a measured step); on CPU give batch sizes, e.g. --batch-sizes 1 4 7 8")
     if not is_preset(a.model):
         resolve_model_folder(a.model)
     if a.tokenizer:
@@ -262,6 +266,9 @@ def collect_summary(run_dir: Path, a: SweepArgs, batch_sizes: list[int], records
                "random_weights": setup.get("random_weights"), "config": cfg,
                "data": {k: data.get(k) for k in ("train_chunks", "val_chunks", "test_chunks", "train_tokens")},
                "sweep": sweep, "notebooks": records, "environment": setup.get("environment")}
+    auto = _read_json(run_dir / "results" / "autobatch.json")
+    if auto:
+        summary["auto_batch"] = auto
     ev = _read_json(run_dir / "results" / "eval.json")
     if ev:
         summary["eval"] = ev
@@ -295,6 +302,24 @@ def best_adapter(run_dir: Path, batch_sizes: list[int]) -> str:
     return best
 
 
+def resolve_auto_batch(a: SweepArgs, run_dir: Path, log=print) -> list[int]:
+    """--batch-sizes auto, in its own process (its CUDA context must not linger into the notebooks)."""
+    import subprocess
+    import sys
+
+    cfg_file, out_file = run_dir / "results" / "autobatch_config.json", run_dir / "results" / "autobatch.json"
+    cfg_file.write_text(json.dumps(run_config(a, 1).to_dict()))
+    log("auto batch size: predicting with the memory model, confirming with one measured step ...", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "loralab.autobatch", str(cfg_file), str(out_file)])
+    res = _read_json(out_file) or {"error": f"autobatch exited with {rc} and wrote no result"}
+    if "error" in res:
+        raise ConfigError(res["error"])
+    log(f"auto batch size: chose {res['chosen']} (predicted {res['predicted_gib']:.2f} GiB, measured "
+        f"{res['measured_gib']:.2f} GiB, headroom {res['headroom_gib']:.2f} GiB of {res['capacity_gib']:.1f} GiB, "
+        f"{res['capacity_kind']}); tried {[t['batch_size'] for t in res['tried']]}")
+    return [res["chosen"]]
+
+
 def run_sweep(a: SweepArgs, log=print) -> Path:
     validate(a)
     run_dir = new_run_dir(a)
@@ -309,7 +334,11 @@ def run_sweep(a: SweepArgs, log=print) -> Path:
             "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples,
             "nproc": a.nproc, "strategy": a.strategy, "grad_accum": a.grad_accum, "nnodes": a.nnodes,
             "node_rank": a.node_rank, "master_addr": a.master_addr, "master_port": a.master_port}
-    batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else []
+    try:
+        batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else resolve_auto_batch(a, run_dir, log)
+    except ConfigError as e:  # the folder says it failed; it holds no report that looks complete
+        _write_json_atomic(run_dir / "run_status.json", {"status": "failed", "started": started, "error": str(e)})
+        raise
     plan = build_plan(a.notebooks, batch_sizes)
     log(f"loralab: run folder {run_dir}  ({len(plan)} notebooks)")
     status = "interrupted"

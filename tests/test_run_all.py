@@ -1,0 +1,122 @@
+"""run_all.py as a user runs it: bad input, the whole sweep end to end, no overwrite, failed notebooks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_all
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bad_json(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('[{"dialogue": "x", ')
+    return str(p)
+
+
+def no_columns(tmp_path):
+    p = tmp_path / "cols.jsonl"
+    p.write_text('{"text": "x"}\n')
+    return str(p)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "no/such/model"], "model 'no/such/model': not a preset"),
+    (["--data", "no/such/data"], "data 'no/such/data': no such file or folder"),
+    (["--tokenizer", "no/such/tok"], "tokenizer 'no/such/tok': no such file or folder"),
+    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast, qlora"),
+    (["--attn", "flash"], "attn_implementation='flash': expected one of eager, sdpa"),
+    (["--batch-sizes", "4", "0"], "--batch-sizes 0: expected integers >= 1"),
+    (["--batch-sizes", "four"], "--batch-sizes 'four': expected integers >= 1"),
+    (["--max-steps", "0"], "max_steps=0: expected an integer >= 1"),
+    (["--model", "llama2-7b"], "the llama2-7b preset has no tokenizer"),
+    ("BAD_JSON", "malformed JSON"),
+    ("NO_COLUMNS", "lacks column(s) ['dialogue', 'summary']"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_folder(tmp_path, capsys, args, expected):
+    if args == "BAD_JSON":
+        args = ["--data", bad_json(tmp_path)]
+    elif args == "NO_COLUMNS":
+        args = ["--data", no_columns(tmp_path)]
+    out = tmp_path / "outputs"
+    rc = run_all.main(args + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("run_all.py: error: ") and expected in err and "\n" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_input_exit_code_from_the_shell(tmp_path):
+    r = subprocess.run([sys.executable, "run_all.py", "--recipe", "turbo", "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "recipe='turbo'" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_whole_sweep_end_to_end(tmp_path):
+    """The real entry point on the tiny model: every notebook, HTML, index, summary.json; then no overwrite."""
+    out = tmp_path / "outputs"
+    cmd = [sys.executable, "run_all.py", "--batch-sizes", "1", "2", "--max-steps", "2", "--seq-len", "128",
+           "--eval-examples", "4", "--out", str(out), "--run-id", "e2e"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / "e2e"
+    lines = r.stdout.splitlines()
+    assert any("03_training bs2" in l and "ok" in l for l in lines)
+    assert lines[-1].startswith("loralab: complete") and str(run / "index.html") in lines[-1]
+    for stem in ["00_setup", "01_data", "02_memory_math", "03_training_bs1", "03_training_bs2",
+                 "04_profiling_bs1", "04_profiling_bs2", "05_summaries", "06_report"]:
+        assert (run / f"{stem}.html").stat().st_size > 10_000, stem
+        assert (run / f"{stem}.ipynb").exists()
+    s = json.loads((run / "summary.json").read_text())
+    assert s["run_id"] == "e2e" and s["status"] == "complete"
+    assert all(n["status"] == "ok" for n in s["notebooks"]), s["notebooks"]
+    assert s["config"]["recipe"]["name"] == "seed" and s["config"]["model"] == "tiny"
+    assert s["data"]["train_chunks"] == 128143 // 128  # built-in train set: 128,143 tokens in 128-token chunks
+    assert [row["batch_size"] for row in s["sweep"]] == [1, 2]
+    for row in s["sweep"]:
+        assert row["status"] == "ok" and row["final_loss"] > 0 and row["tokens_per_s"] > 0
+        assert row["epoch_time_kind"] == "extrapolated from 2 steps"
+        assert row["predicted_peak_gib"] > 0 and row["flops_per_step"] > 0 and row["macs_per_step"] > 0
+    assert s["sweep"][1]["flops_per_step"] == pytest.approx(2 * s["sweep"][0]["flops_per_step"], rel=0.01)
+    assert s["eval"]["n"] == 4 and "rougeL" in s["eval"]["rouge_base"]
+    index = (run / "index.html").read_text()
+    assert "06_report.html" in index and "03_training_bs2.html" in index
+    # the 06 report carries the study's numbers beside ours
+    report = (run / "06_report.html").read_text()
+    assert "26.21" in report and "5003" in report.replace(",", "")
+    # a second run with the same id never overwrites the first
+    before = (run / "summary.json").read_text()
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 2 and "never overwrites" in r2.stderr
+    assert (run / "summary.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_failed_notebook_still_gets_html_and_the_sweep_goes_on(tmp_path):
+    """bs 100000 cannot train on the built-in set: its notebook fails, shows the error, and bs 1 still runs."""
+    out = tmp_path / "outputs"
+    rc = run_all.main(["--batch-sizes", "100000", "1", "--max-steps", "1", "--seq-len", "128",
+                       "--notebooks", "00", "03", "06", "--out", str(out), "--run-id", "fail"])
+    assert rc == 0
+    run = out / "fail"
+    s = json.loads((run / "summary.json").read_text())
+    failed = [n for n in s["notebooks"] if n["tag"] == "bs100000"][0]
+    assert failed["status"] == "error" and "batch_size=100000" in failed["error"]
+    assert "batch_size=100000" in (run / "03_training_bs100000.html").read_text()
+    assert [r["status"] for r in s["sweep"]] == ["error", "ok"]
+    assert (run / "06_report.html").exists()
+
+
+def test_auto_batch_needs_a_gpu(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = run_all.main(["--batch-sizes", "auto", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--batch-sizes auto: needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
