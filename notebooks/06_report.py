@@ -118,6 +118,27 @@ table4 = pd.DataFrame([{
 table4.round(2)
 
 # %% [markdown]
+# ## Several GPUs
+#
+# Shown when the sweep ran under torchrun (`--nproc N`): batch sizes are per GPU; the global
+# batch is per-GPU batch x GPUs x accumulation steps, and each GPU's peak memory is listed.
+
+# %%
+multi = {bs: r for bs, r in results.items() if r and r.get("world_size", 1) > 1}
+if multi:
+    rows = []
+    for bs, r in multi.items():
+        base = {"batch size per GPU": bs, "GPUs": r["world_size"], "accumulation": r.get("grad_accum"),
+                "global batch": r.get("global_batch_size"), "strategy": r.get("strategy"),
+                "tokens/s total": r.get("tokens_per_s"), "tokens/s per GPU": r.get("tokens_per_s_per_gpu")}
+        for pr in r.get("per_rank") or []:
+            base[f"GPU {pr['rank']} peak reserved GiB"] = pr.get("peak_reserved_gib")
+        rows.append(base)
+    display(pd.DataFrame(rows).round(2))
+else:
+    print("single-process run (no torchrun): see the tables above")
+
+# %% [markdown]
 # ## Training loss per step (the study's Figures 7 and 8)
 
 # %%
@@ -151,6 +172,9 @@ fig.show()
 # ## FLOPs, MACs and MFU per step (the study's Figures 10 and 11)
 #
 # From notebook 04. FLOPs per step should grow linearly with batch size, as the study saw.
+# loralab's analytic LoRA count (frozen weights: forward + input gradient, no weight gradient) is
+# the reference; DeepSpeed's profiler, which the study used, assumes full training and cannot see
+# bitsandbytes' int8/4-bit kernels, so its line is shown for comparison, not as the truth.
 
 # %%
 prof_rows = [{"batch size": bs, **{k: p.get(k) for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu")}}
@@ -160,6 +184,11 @@ if prof_rows:
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=prof["batch size"], y=prof["flops_per_step"] / 1e12, name="TFLOPs per step", mode="lines+markers"))
     fig.add_trace(go.Scatter(x=prof["batch size"], y=prof["macs_per_step"] / 1e12, name="TMACs per step", mode="lines+markers"))
+    ds = [(bs, (p.get("deepspeed") or {}).get("step_flops_ds_convention")) for bs, p in profiles.items() if p]
+    ds = [(bs, v) for bs, v in ds if v]
+    if ds:  # what the study's tool reports: full-training convention, blind to bitsandbytes kernels
+        fig.add_trace(go.Scatter(x=[b for b, _ in ds], y=[v / 1e12 for _, v in ds], mode="lines+markers",
+                                 name="DeepSpeed step TFLOPs (3 x forward, study's convention)", line_dash="dot"))
     fig.update_layout(title="Work per step vs batch size", xaxis_title="batch size", yaxis_title="trillions", height=350)
     fig.show()
     fig = go.Figure(go.Scatter(x=prof["batch size"], y=prof["mfu"] * 100, mode="lines+markers"))
