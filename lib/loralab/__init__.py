@@ -1,0 +1,8 @@
+"""loralab: LoRA fine-tuning of Llama-2-7B-class models on one GPU, with reports of what it costs."""
+
+import warnings
+
+# Reports are read by people: keep library chatter that says nothing about the run out of them.
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a kernel without widgets
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.* is deprecated")
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing.* is deprecated")

@@ -103,6 +103,9 @@ def materialize_preset(name: str, home: Path | None = None, progress=print) -> P
                 model = LlamaForCausalLM(cfg)
         finally:
             torch.set_default_dtype(prev)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         model.save_pretrained(tmp, max_shard_size="2GB")
         del model
 
@@ -190,6 +193,9 @@ def load_base_model(folder: Path, recipe: Recipe, device: torch.device):
     # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: that is the
     # study's real behaviour (int8 matmuls compute in fp16), said once in the reports instead.
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would fill the reports
 
     qc = quantization_config(recipe)
     kwargs = dict(dtype=DTYPES[recipe.param_dtype], attn_implementation=recipe.attn_implementation)

@@ -53,8 +53,9 @@ def config_table(cfg: RunConfig) -> pd.DataFrame:
     """Every resolved knob, one row each: printed in every report."""
     d = cfg.to_dict()
     recipe = d.pop("recipe")
-    rows = [("run", k, v) for k, v in d.items()] + [("recipe", k, v) for k, v in recipe.items()]
-    return pd.DataFrame(rows, columns=["group", "setting", "value"]).astype({"value": str})
+    shown = lambda v: "(default)" if v is None else str(v)
+    rows = [("run", k, shown(v)) for k, v in d.items()] + [("recipe", k, shown(v)) for k, v in recipe.items()]
+    return pd.DataFrame(rows, columns=["group", "setting", "value"]).set_index(["group", "setting"])
 
 
 def write_json(run_dir: str | Path, relpath: str, obj) -> Path:

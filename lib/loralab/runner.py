@@ -194,7 +194,11 @@ def to_html(nb_path: Path, html_path: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(nb_path, as_version=4))
+    # A report, not a listing: code cells are left out of the HTML (the .ipynb beside it has them);
+    # outputs, errors included, stay.
+    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(nb_path, as_version=4))
     html_path.write_text(body, encoding="utf-8")
 
 
