@@ -173,3 +173,47 @@ def test_memory_sweep_smoke(tmp_path):
     data = json.loads((tmp_path / "memory_sweep.json").read_text())
     assert data["rows"] and all("predicted_reserved_gib" in row for row in data["rows"])
     assert (tmp_path / "memory_sweep.md").exists()
+
+
+# --- the model against the committed H200 measurements (benchmarks/results) -------------------------
+_RES = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+_SWEEP = _RES / "memory_sweep_H200_20261130.json"
+_KNOWN_MISSES = {("qlora", 1), ("qlora", 2), ("qlora", 16)}
+"""Rows the current model misses by > 5 % (8.7 % each): qlora's reserved - allocated is irregular at bs 1-2
+(1.71 GiB at bs 1, 0.70 at bs 2) and grows faster than the fragmentation terms give (Linear4bit's fp32<->bf16
+casts of every input and output make more block sizes than the saved-tensor working set counts).
+strict xfail: a fix turns them into failures to remove from this set."""
+
+
+def _sweep_rows():
+    import json
+
+    return [r for r in json.loads(_SWEEP.read_text())["rows"] if r["status"] == "ok"]
+
+
+@pytest.mark.parametrize("row", _sweep_rows(), ids=lambda r: f"{r['recipe']}-bs{r['batch_size']}")
+def test_reserved_within_5pct_of_h200(cfg7b, row, request):
+    if (row["recipe"], row["batch_size"]) in _KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="known miss, see _KNOWN_MISSES"))
+    bd = M.predict_peak(cfg7b, M.recipe_variant(row["recipe"]), row["batch_size"], row["seq_len"])
+    assert bd.reserved / M.GIB == pytest.approx(row["reserved_gib"], rel=0.05)
+    assert bd.allocated / M.GIB == pytest.approx(row["allocated_gib"], rel=0.02)
+
+
+@pytest.mark.parametrize("name,measured", [("seed", 7), ("lora-bf16", 3),
+                                           pytest.param("lora-bf16-ckpt", 19, marks=pytest.mark.xfail(strict=True, reason="model says 20"))])
+def test_largest_batch_under_40gib_cap_matches_h200(cfg7b, name, measured):
+    """seed: 7 fits, 8 OOM (seed_sweep_seed_eager_NVIDIA-H200_20261130.json); the others: memory_sweep's cap search."""
+    assert M.largest_batch_that_fits(cfg7b, M.recipe_variant(name), 2048, 40, allocator_cap=True) == measured
+
+
+def test_model_check_script_matches_committed(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("mmc", _RES.parent / "memory_model_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.check()
+    committed = json.loads((_RES / "memory_model_check_H200_20261130.json").read_text())
+    assert res["summary"] == committed["summary"]  # re-run benchmarks/memory_model_check.py after model changes

@@ -1,0 +1,149 @@
+"""Predicted vs measured peak memory: the CURRENT loralab.memory model against the committed H200 measurements.
+
+    python benchmarks/memory_model_check.py            # CPU, seconds; reads benchmarks/results/*.json
+
+Reads benchmarks/results/memory_sweep_H200_20261130.json (25 rows: 5 recipes x bs 1, 2, 4, 8, 16, uncapped,
+one training step each, by benchmarks/memory_sweep.py) and seed_sweep_seed_eager_NVIDIA-H200_20261130.json
+(the seed recipe through the real training loop under a 40 GiB allocator cap), recomputes every prediction
+with the current model and writes memory_model_check_H200_20261130.{json,md}: per row predicted vs measured
+reserved and allocated, error %, pass/fail at 5 %, and the largest batch under the 40 GiB cap.
+
+The allocator constants were calibrated on these same measurements: this is a consistency check, not an
+independent one. The independent check is a fresh GPU run (benchmarks/memory_sweep.py), pending.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from loralab import memory as M
+
+RES = Path(__file__).parent / "results"
+SWEEP = RES / "memory_sweep_H200_20261130.json"
+SEED = RES / "seed_sweep_seed_eager_NVIDIA-H200_20261130.json"
+TOL_PCT = 5.0
+CAP_GIB = 40.0
+
+
+def measured_largest(sweep: dict, seed: dict | None) -> dict:
+    """{recipe: (measured largest batch or None, what is known)} under the 40 GiB cap."""
+    out = {}
+    for c in sweep["cap"]:
+        tried = {int(k): v["status"] for k, v in c["tried"].items()}
+        ok = [b for b, s in tried.items() if s == "ok"]
+        known = c["measured_largest"]
+        if known is None and not ok:
+            out[c["recipe"]] = (None, f"< {min(tried)} (bs {', '.join(map(str, sorted(tried)))} OOM)")
+        else:
+            out[c["recipe"]] = (known, f"{known} fits, {known + 1} OOM (memory_sweep cap search)")
+    if seed is not None:
+        st = {int(r["batch_size"]): r["status"] for r in seed["rows"]}
+        fit = max(b for b, s in st.items() if s == "ok")
+        if st.get(fit + 1) == "oom":
+            out["seed"] = (fit, f"{fit} fits, {fit + 1} OOM (seed_sweep: real training loop under the cap)")
+    return out
+
+
+def check(sweep_path: Path = SWEEP, seed_path: Path | None = SEED) -> dict:
+    warnings.filterwarnings("ignore")
+    sweep = json.loads(Path(sweep_path).read_text())
+    seed = json.loads(Path(seed_path).read_text()) if seed_path and Path(seed_path).exists() else None
+    cfg = M.preset_config(sweep["model"])
+    rows = []
+    for r in sweep["rows"]:
+        if r["status"] != "ok":
+            continue
+        bd = M.predict_peak(cfg, M.recipe_variant(r["recipe"]), r["batch_size"], r["seq_len"])
+        pr, pa = bd.reserved / M.GIB, bd.allocated / M.GIB
+        err = 100 * (pr / r["reserved_gib"] - 1)
+        rows.append({"source": "memory_sweep", "recipe": r["recipe"], "batch_size": r["batch_size"], "cap_gib": None,
+                     "measured_reserved_gib": r["reserved_gib"], "predicted_reserved_gib": pr, "error_pct": err,
+                     "measured_allocated_gib": r["allocated_gib"], "predicted_allocated_gib": pa,
+                     "allocated_error_pct": 100 * (pa / r["allocated_gib"] - 1), "pass": abs(err) <= TOL_PCT, "phase": bd.phase})
+    seed_rows = []
+    if seed is not None:
+        for r in seed["rows"]:
+            if r["status"] != "ok":
+                continue
+            bd = M.predict_peak(cfg, M.recipe_variant("seed"), int(r["batch_size"]), 2048)
+            pr = bd.info["reserved_under_cap"] / M.GIB
+            seed_rows.append({"source": "seed_sweep (40 GiB cap)", "recipe": "seed", "batch_size": int(r["batch_size"]),
+                              "measured_reserved_gib": r["peak_reserved_gib"], "predicted_reserved_gib": pr,
+                              "error_pct": 100 * (pr / r["peak_reserved_gib"] - 1),
+                              "measured_allocated_gib": r.get("peak_allocated_gib"), "predicted_allocated_gib": bd.allocated / M.GIB})
+    known = measured_largest(sweep, seed)
+    largest = []
+    for name, (meas, note) in known.items():
+        p = M.largest_batch_that_fits(cfg, M.recipe_variant(name), sweep["seq_len"], CAP_GIB, allocator_cap=True)
+        largest.append({"recipe": name, "predicted": p, "measured": meas, "measured_note": note,
+                        "match": (p == meas) if meas is not None else None})
+    return {
+        "note": ("The allocator constants (FRAG_LOSS_FRACTION, FRAG_LAYER_FRACTION, ALLOCATOR_FIXED_GIB) and "
+                 "EAGER_EXTRA_SCORE_BUFFERS_CUDA were calibrated on these same measurements: this is a consistency "
+                 "check, not an independent one. The independent check, a fresh GPU run of "
+                 "benchmarks/memory_sweep.py, is pending."),
+        "measurement": {k: sweep[k] for k in ("command", "gpu", "versions", "date", "seq_len", "steps", "model")},
+        "seed_sweep": ({k: seed.get(k) for k in ("command", "gpu", "versions", "date")} if seed else None),
+        "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB,
+                      "FRAG_LOSS_FRACTION": M.FRAG_LOSS_FRACTION, "FRAG_LAYER_FRACTION": M.FRAG_LAYER_FRACTION,
+                      "EAGER_EXTRA_SCORE_BUFFERS_CUDA": M.EAGER_EXTRA_SCORE_BUFFERS_CUDA,
+                      "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN, "calibration": M.CALIBRATION},
+        "tolerance_pct": TOL_PCT, "rows": rows, "seed_sweep_rows": seed_rows, "largest_batch_cap_gib": CAP_GIB,
+        "largest_batch": largest,
+        "summary": {"rows": len(rows), "within_tol": sum(r["pass"] for r in rows),
+                    "max_abs_error_pct": max(abs(r["error_pct"]) for r in rows),
+                    "largest_known": sum(x["measured"] is not None for x in largest),
+                    "largest_match": sum(bool(x["match"]) for x in largest)},
+    }
+
+
+def markdown(res: dict) -> str:
+    m, s = res["measurement"], res["summary"]
+    L = ["# Memory model check: predicted vs measured peak (H200, Llama-2-7B shape, random weights)", "",
+         f"**{res['note']}**", "",
+         f"- measurements: `{m['command']}` (benchmarks/memory_sweep.py), {m['date']}, GPU {m['gpu']}",
+         f"- versions: {m['versions']}", f"- seq_len {m['seq_len']}, {m['steps']} step per measurement"]
+    if res["seed_sweep"]:
+        L.append(f"- seed sweep: `{res['seed_sweep']['command']}`, {res['seed_sweep']['date']}")
+    L += [f"- constants: {res['constants']}", "",
+          f"**{s['within_tol']} / {s['rows']} rows within {res['tolerance_pct']:.0f} %** of measured reserved "
+          f"(largest |error| {s['max_abs_error_pct']:.1f} %); largest batch under {res['largest_batch_cap_gib']:.0f} GiB: "
+          f"{s['largest_match']} / {s['largest_known']} known values matched.", "",
+          "| recipe | bs | measured reserved GiB | predicted reserved GiB | error % | pass | measured allocated GiB | predicted allocated GiB | error % | peak at |",
+          "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    for r in res["rows"]:
+        L.append(f"| {r['recipe']} | {r['batch_size']} | {r['measured_reserved_gib']:.2f} | {r['predicted_reserved_gib']:.2f} | "
+                 f"{r['error_pct']:+.1f} | {'yes' if r['pass'] else 'NO'} | {r['measured_allocated_gib']:.2f} | "
+                 f"{r['predicted_allocated_gib']:.2f} | {r['allocated_error_pct']:+.1f} | {r['phase']} |")
+    if res["seed_sweep_rows"]:
+        L += ["", "Seed recipe through the training loop under the 40 GiB cap (prediction: reserved under a cap):", "",
+              "| bs | measured reserved GiB | predicted GiB | error % |", "| ---: | ---: | ---: | ---: |"]
+        L += [f"| {r['batch_size']} | {r['measured_reserved_gib']:.2f} | {r['predicted_reserved_gib']:.2f} | {r['error_pct']:+.1f} |"
+              for r in res["seed_sweep_rows"]]
+    L += ["", f"Largest batch under a {res['largest_batch_cap_gib']:.0f} GiB allocator cap:", "",
+          "| recipe | predicted | measured | match |", "| --- | ---: | --- | --- |"]
+    L += [f"| {x['recipe']} | {x['predicted']} | {x['measured_note']} | "
+          f"{'-' if x['match'] is None else ('yes' if x['match'] else 'NO')} |" for x in res["largest_batch"]]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", default=str(SWEEP))
+    ap.add_argument("--seed-sweep", default=str(SEED))
+    ap.add_argument("--out", default=str(RES))
+    args = ap.parse_args(argv)
+    res = check(Path(args.sweep), Path(args.seed_sweep))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_model_check_H200_20261130.json").write_text(json.dumps(res, indent=1))
+    (out / "memory_model_check_H200_20261130.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
