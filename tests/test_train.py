@@ -50,12 +50,14 @@ def test_step_log_result_and_adapter(tmp_path):
 
 
 def test_training_learns_with_a_real_learning_rate(tmp_path):
-    cfg, model, tok, ts = setup("fast", max_steps=30, batch_size=4)
-    cfg.recipe = cfg.recipe.replace(learning_rate=3e-3, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                      "gate_proj", "up_proj", "down_proj"))
+    cfg, model, tok, ts = setup("seed", max_steps=30, batch_size=4)
+    # plain fp32 LoRA on all linears at a real learning rate (the seed recipe's 1e-4 barely moves in 30 steps)
+    cfg.recipe = cfg.recipe.replace(quantization="none", learning_rate=3e-3, gradient_checkpointing="none",
+                                    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                  "gate_proj", "up_proj", "down_proj"))
     model, tok, _ = load_for_training(cfg, progress=lambda *a: None)
     r = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
-    assert sum(r.losses[-5:]) / 5 < r.losses[0] - 0.5  # observed: 7.68 -> 6.82
+    assert sum(r.losses[-5:]) / 5 < r.losses[0] - 0.5  # observed: 7.68 -> about 6.8
 
 
 def test_step_lr_decays_once_per_epoch(tmp_path):

@@ -477,14 +477,13 @@ def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_
 
 
 def _reapply_overhead(bd):
-    """Recompute the allocator overhead (a fraction of the allocated peak) after terms changed."""
-    from loralab.memory import ALLOCATOR_FIXED_GIB, ALLOCATOR_OVERHEAD_FRACTION
+    """Keep the breakdown's order after terms changed.
 
-    ctx_bytes = sum(bd.terms.get(t, 0) for t in bd.context_terms)
-    allocated = bd.total - ctx_bytes - bd.terms.get("allocator_overhead", 0)
-    bd.terms["allocator_overhead"] = int(round(ALLOCATOR_OVERHEAD_FRACTION * allocated + ALLOCATOR_FIXED_GIB * GIB))
-    # keep the context last in the breakdown's order
-    for t in bd.context_terms:
+    The allocator terms of ``memory.predict_peak`` (fragmentation from the loss backward and the top
+    layer's backward working set, plus a fixed workspace) depend on activations, which are the same
+    per GPU under DDP and FSDP: they are carried over unchanged.
+    """
+    for t in bd.context_terms:  # keep the context last
         if t in bd.terms:
             bd.terms[t] = bd.terms.pop(t)
     return bd
