@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 
 from loralab import fast as FAST
+from loralab.environment import gpu_info  # noqa: E402
+from loralab.train import is_oom  # noqa: E402
 from loralab import flops as F
 from loralab.config import ConfigError, Recipe, get_recipe
 
@@ -91,8 +93,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 # =================================================================== worker (one method, one process)
@@ -458,17 +458,6 @@ def versions() -> dict:
     return out
 
 
-def gpu_info() -> dict:
-    if not torch.cuda.is_available():
-        return {"name": f"cpu ({platform.processor() or platform.machine()})", "driver": None}
-    drv = None
-    try:
-        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        pass
-    p = torch.cuda.get_device_properties(0)
-    return {"name": torch.cuda.get_device_name(0), "driver": drv, "memory_gib": p.total_memory / GIB}
 
 
 def load_chunks(args, seq: int, n: int) -> tuple[torch.Tensor, str]:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from loralab import memory as M
+from loralab.environment import gpu_info  # noqa: E402
+from loralab.train import is_oom  # noqa: E402
 from loralab import model as LM
 
 BAR_RECIPES = ["seed", "seed-sdpa", "qlora", "lora-bf16-ckpt", "lora-bf16"]
@@ -54,21 +56,8 @@ def versions() -> dict:
     return out
 
 
-def gpu_info() -> dict:
-    if not torch.cuda.is_available():
-        return {"name": "cpu", "driver": None}
-    drv = None
-    try:
-        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        pass
-    p = torch.cuda.get_device_properties(0)
-    return {"name": torch.cuda.get_device_name(0), "driver": drv, "memory_gib": p.total_memory / 2**30}
 
 
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def set_cap(gib: float | None) -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from loralab import flops as F
+from loralab.environment import gpu_info  # noqa: E402
+from loralab.train import is_oom  # noqa: E402
 from loralab import profilers as P
 from loralab.config import get_recipe
 from loralab.gpu_monitor import GpuMonitor
@@ -44,21 +46,8 @@ def versions() -> dict:
     return out
 
 
-def gpu_info() -> dict:
-    if not torch.cuda.is_available():
-        return {"name": "cpu (" + platform.processor() + ")", "driver": None}
-    drv = None
-    try:
-        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        pass
-    p = torch.cuda.get_device_properties(0)
-    return {"name": torch.cuda.get_device_name(0), "driver": drv, "memory_gib": p.total_memory / 2**30}
 
 
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def run_recipe(label, cfg, recipe, batch_sizes, seq_len, steps, device, peak_sheet, peak_measured, ds_bs):
