@@ -26,11 +26,15 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--model", default="tiny", help="preset (tiny, llama2-7b), HF folder, or Meta checkpoint folder")
     p.add_argument("--tokenizer", default="", help="tokenizer.model file or tokenizer folder (default: the model's)")
     p.add_argument("--data", default="builtin", help="'builtin', a SAMSum folder, or a .json/.jsonl/.csv file")
-    p.add_argument("--recipe", default="seed", help=f"one of {', '.join(RECIPES)}")
+    p.add_argument("--recipe", default="", help=f"one of {', '.join(RECIPES)} (default: demo for the tiny model, seed otherwise)")
     p.add_argument("--attn", default="", help=f"override the recipe's attention: {', '.join(ATTENTION)}")
     p.add_argument("--seq-len", type=int, default=2048, help="packed chunk length in tokens")
-    p.add_argument("--no-packing", action="store_true", help="one dialogue per row, padded (default: packed)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each run after N steps (default: full epochs)")
+    pk = p.add_mutually_exclusive_group()
+    pk.add_argument("--packing", dest="packing", action="store_true", default=None,
+                    help="pack prompts into seq-len chunks (default: the recipe's; seed packs)")
+    pk.add_argument("--no-packing", dest="packing", action="store_false", help="one dialogue per row, padded")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop each run after N steps (default: full epochs; 300 for the tiny demo)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="cap GPU memory to emulate a smaller card (40 = A100-40GB)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
@@ -66,7 +70,7 @@ def to_sweep_args(ns):
             if batch_sizes[-1] < 1:
                 raise ConfigError(f"--batch-sizes {b}: expected integers >= 1 or 'auto'")
     return SweepArgs(batch_sizes=batch_sizes, model=ns.model, tokenizer=ns.tokenizer, data=ns.data,
-                     recipe=ns.recipe, attn=ns.attn, seq_len=ns.seq_len, packing=not ns.no_packing,
+                     recipe=ns.recipe, attn=ns.attn, seq_len=ns.seq_len, packing=ns.packing,
                      epochs=ns.epochs, max_steps=ns.max_steps, gpu_memory_gib=ns.gpu_memory_gib,
                      device=ns.device, seed=ns.seed, out=ns.out, run_id=ns.run_id,
                      notebooks=ns.notebooks, eval_examples=ns.eval_examples,

@@ -33,6 +33,7 @@ device = "auto"  # "auto", "cpu" or "cuda"
 random_weights = False  # True for the llama2-7b preset: summaries are meaningless
 check_adapter_life = True  # reload / merge / export checks (needs the adapter)
 export_dir = ""  # where to write the merged HF model; empty: a temporary folder, deleted after the check
+run_dir = ""  # run folder (run_all.py): the eval numbers go to results/eval.json there; empty: not written
 
 # %%
 from IPython.display import Markdown, display
@@ -303,3 +304,7 @@ eval_summary["generation"] = {name: {k: s[k] for k in ("n_generated_tokens", "se
 eval_summary["random_weights"] = bool(random_weights)
 eval_summary["adapter_life"] = life
 print(json.dumps(eval_summary, indent=1, default=str))
+if run_dir:
+    from loralab.report import write_json
+
+    write_json(run_dir, "results/eval.json", eval_summary)

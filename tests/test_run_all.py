@@ -28,7 +28,7 @@ def no_columns(tmp_path):
     (["--model", "no/such/model"], "model 'no/such/model': not a preset"),
     (["--data", "no/such/data"], "data 'no/such/data': no such file or folder"),
     (["--tokenizer", "no/such/tok"], "tokenizer 'no/such/tok': no such file or folder"),
-    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast, qlora"),
+    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast, demo, qlora"),
     (["--attn", "flash"], "attn_implementation='flash': expected one of eager, sdpa"),
     (["--batch-sizes", "4", "0"], "--batch-sizes 0: expected integers >= 1"),
     (["--batch-sizes", "four"], "--batch-sizes 'four': expected integers >= 1"),
@@ -76,8 +76,10 @@ def test_whole_sweep_end_to_end(tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["run_id"] == "e2e" and s["status"] == "complete"
     assert all(n["status"] == "ok" for n in s["notebooks"]), s["notebooks"]
-    assert s["config"]["recipe"]["name"] == "seed" and s["config"]["model"] == "tiny"
-    assert s["data"]["train_chunks"] == 128143 // 128  # built-in train set: 128,143 tokens in 128-token chunks
+    # the tiny default: the demo recipe, one dialogue per row (2000 built-in train dialogues)
+    assert s["config"]["recipe"]["name"] == "demo" and s["config"]["model"] == "tiny"
+    assert s["config"]["packing"] is False and s["data"]["train_chunks"] == 2000
+    assert "loralab: default: recipe demo" in r.stdout
     assert [row["batch_size"] for row in s["sweep"]] == [1, 2]
     for row in s["sweep"]:
         assert row["status"] == "ok" and row["final_loss"] > 0 and row["tokens_per_s"] > 0
@@ -90,6 +92,8 @@ def test_whole_sweep_end_to_end(tmp_path):
     # the 06 report carries the study's numbers beside ours
     report = (run / "06_report.html").read_text()
     assert "26.21" in report and "5003" in report.replace(",", "")
+    # a study run needs the seed recipe by name: packing follows the recipe
+    assert run_all.to_sweep_args(run_all.parse_args(["--recipe", "seed"])).packing is None
     # a second run with the same id never overwrites the first
     before = (run / "summary.json").read_text()
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,11 +10,11 @@ from loralab.data import load_splits, tokenize_splits
 from loralab.model import load_for_training
 from loralab.train import train
 
-# First three losses of the tiny preset, batch size 2, 128-token chunks, seed 42 (torch 2.13 CPU).
+# First three losses of the tiny preset (v2: init std 0.1), batch size 2, 128-token chunks, seed 42 (torch 2.13 CPU).
 PINNED = {
-    "seed": [7.667988300323486, 7.695935249328613, 7.6494059562683105],
-    "fast": [7.667716026306152, 7.695853233337402, 7.648910999298096],
-    "qlora": [7.6660356521606445, 7.692340850830078, 7.64741325378418],
+    "seed": [8.272138595581055, 8.342864036560059, 8.37332820892334],
+    "fast": [8.270435333251953, 8.344154357910156, 8.371559143066406],
+    "qlora": [8.312997817993164, 8.327192306518555, 8.432607650756836],
 }
 
 
@@ -57,7 +57,7 @@ def test_training_learns_with_a_real_learning_rate(tmp_path):
                                                   "gate_proj", "up_proj", "down_proj"))
     model, tok, _ = load_for_training(cfg, progress=lambda *a: None)
     r = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
-    assert sum(r.losses[-5:]) / 5 < r.losses[0] - 0.5  # observed: 7.68 -> about 6.8
+    assert sum(r.losses[-5:]) / 5 < r.losses[0] - 0.5
 
 
 def test_step_lr_decays_once_per_epoch(tmp_path):

@@ -81,6 +81,9 @@ class Recipe:
     module); "input": the fp32 adapter weights are cast to the input's dtype (bf16) instead."""
     doc_position_ids: bool = False
     """Packed rows: position ids restart at every BOS (per-document RoPE positions)."""
+    packing: bool = True
+    """True: llama-recipes packing (concatenate every prompt, cut into seq_len chunks, drop the tail);
+    False: one dialogue per row, right-padded. A run may override it (RunConfig.packing)."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -133,6 +136,24 @@ RECIPES: dict[str, Recipe] = {
         compile="auto",
         lora_matmul_dtype="input",
     ),
+    # The built-in default's recipe: what a *small* model needs to learn a task in minutes on a
+    # CPU. A randomly initialised tiny base cannot be taught by the study's LoRA (r8 on q/v at
+    # lr 1e-4: no ROUGE gain after 600 steps); LoRA on every linear layer at r16 and lr 3e-3,
+    # one dialogue per row, lifts ROUGE-L by ~0.5 in ~20 s of training. fp32, SDPA, no checkpointing.
+    "demo": Recipe(
+        name="demo",
+        quantization="none",
+        param_dtype="float32",
+        compute_dtype="float32",
+        gradient_checkpointing="none",
+        attn_implementation="sdpa",
+        lora_r=16,
+        lora_alpha=32,
+        lora_targets=LORA_TARGETS_ALL,
+        learning_rate=3e-3,
+        prepare_for_kbit=False,
+        packing=False,
+    ),
     # QLoRA: 4-bit NF4 base with double quantization, bf16 compute.
     "qlora": Recipe(
         name="qlora",
@@ -165,8 +186,9 @@ class RunConfig:
     batch_size: int = 1
     seq_len: int = 2048
     """Packed chunk length (the study: 2048)."""
-    packing: bool = True
-    """True: llama-recipes packing (concatenate, cut, drop tail). False: one dialogue per row, padded."""
+    packing: bool | None = None
+    """None: the recipe's (seed: packed, as llama-recipes). True: concatenate, cut, drop the tail.
+    False: one dialogue per row, padded."""
     epochs: int = 1
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: full epochs)."""
@@ -180,6 +202,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.recipe, str):
             self.recipe = get_recipe(self.recipe)
+        if self.packing is None:
+            self.packing = self.recipe.packing
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r}: expected an integer >= 1")
         if self.seq_len < 8:

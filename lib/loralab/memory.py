@@ -747,7 +747,7 @@ def recipe_variant(name: str) -> Recipe:
     """The recipes the memory bar is measured on: seed, seed-sdpa, qlora, lora-bf16, lora-bf16-ckpt (+ hf-peft)."""
     from loralab.config import get_recipe
 
-    if name in ("seed", "qlora", "fast"):
+    if name in ("seed", "qlora", "fast", "demo"):
         return get_recipe(name)
     if name == "seed-sdpa":
         return get_recipe("seed").replace(name="seed-sdpa", attn_implementation="sdpa")

@@ -31,6 +31,10 @@ PRESETS: dict[str, LlamaConfig] = {
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3,
         tie_word_embeddings=False,
+        # Random weights at std 0.1 (Llama's 0.02 is for width 4096): at width 128 they give the
+        # frozen base enough signal for LoRA to steer, so the demo learns in seconds (measured:
+        # ROUGE-L gap 0.51 at std 0.1 vs none at 0.02 with the same budget).
+        initializer_range=0.1,
     ),
     # Meta's Llama-2-7b-hf config.json
     "llama2-7b": LlamaConfig(
@@ -40,7 +44,7 @@ PRESETS: dict[str, LlamaConfig] = {
     ),
 }
 RANDOM_WEIGHT_PRESETS = {"tiny", "llama2-7b"}
-PRESET_VERSION = "v1"  # bump when a preset's construction changes
+PRESET_VERSION = "v2"  # bump when a preset's construction changes (v2: tiny init std 0.1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

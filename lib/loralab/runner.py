@@ -33,10 +33,12 @@ class SweepArgs:
     model: str = "tiny"
     tokenizer: str = ""
     data: str = "builtin"
-    recipe: str = "seed"
+    recipe: str = ""
+    """"" = the model's default: "demo" for the tiny preset, "seed" (the study's) otherwise."""
     attn: str = ""
     seq_len: int = 2048
-    packing: bool = True
+    packing: bool | None = None
+    """None = the recipe's (seed packs, as llama-recipes; demo does not)."""
     epochs: int = 1
     max_steps: int | None = None
     gpu_memory_gib: float | None = None
@@ -61,6 +63,24 @@ def notebook_path(prefix: str) -> Path:
     if not found:
         raise ConfigError(f"notebook {prefix!r}: no notebooks/{prefix}_*.py")
     return found[0]
+
+
+TINY_DEFAULTS = {"recipe": "demo", "max_steps": 300}
+"""The built-in default (tiny model, CPU): a recipe a small model learns from in seconds, and a
+step budget that keeps the whole sweep within minutes. Applied only where the user chose nothing."""
+
+
+def apply_defaults(a: SweepArgs) -> list[str]:
+    """Fill what the user left open; returns a line per default applied (printed by the runner)."""
+    notes = []
+    if not a.recipe:
+        a.recipe = TINY_DEFAULTS["recipe"] if a.model == "tiny" else "seed"
+        notes.append(f"recipe {a.recipe} (the default for {'the tiny model' if a.model == 'tiny' else 'this model'}; "
+                     f"--recipe seed|fast|qlora|demo to choose)")
+    if a.max_steps is None and a.model == "tiny" and a.recipe == TINY_DEFAULTS["recipe"]:
+        a.max_steps = TINY_DEFAULTS["max_steps"]
+        notes.append(f"at most {a.max_steps} steps per batch size (the tiny default; --max-steps N to change)")
+    return notes
 
 
 def run_config(a: SweepArgs, batch_size: int = 1) -> RunConfig:
@@ -279,7 +299,8 @@ def collect_summary(run_dir: Path, a: SweepArgs, batch_sizes: list[int], records
     return summary
 
 
-def build_plan(notebooks: list[str], batch_sizes: list[int]) -> list[tuple[str, str, dict]]:
+def build_plan(notebooks: list[str], batch_sizes: list[int], eval_examples: int = 50,
+               random_weights: bool = False) -> list[tuple[str, str, dict]]:
     """(notebook prefix, tag, extra parameters) in run order: 00 01 02, then 03/04 per batch size, 05 06."""
     plan: list[tuple[str, str, dict]] = []
     for nb in ("00", "01", "02"):
@@ -290,19 +311,19 @@ def build_plan(notebooks: list[str], batch_sizes: list[int]) -> list[tuple[str, 
             if nb in notebooks:
                 plan.append((nb, f"bs{bs}", {"batch_size": bs}))
     if "05" in notebooks:
-        plan.append(("05", "", {}))
+        plan.append(("05", "", {"n_examples": eval_examples, "random_weights": random_weights}))
     if "06" in notebooks:
         plan.append(("06", "", {"batch_sizes": batch_sizes}))
     return plan
 
 
 def best_adapter(run_dir: Path, batch_sizes: list[int]) -> str:
-    """The adapter of the run that trained most steps (ties: the smaller batch); "" if none."""
-    best, best_steps = "", -1
+    """The adapter that saw the most training rows (steps x batch size); "" if none trained."""
+    best, best_rows = "", -1
     for bs in batch_sizes:
         tr = _read_json(run_dir / f"bs{bs}" / "train_result.json")
-        if tr and tr["status"] == "ok" and tr.get("adapter_dir") and tr["steps_done"] > best_steps:
-            best, best_steps = tr["adapter_dir"], tr["steps_done"]
+        if tr and tr["status"] == "ok" and tr.get("adapter_dir") and tr["steps_done"] * bs > best_rows:
+            best, best_rows = tr["adapter_dir"], tr["steps_done"] * bs
     return best
 
 
@@ -325,7 +346,10 @@ def resolve_auto_batch(a: SweepArgs, run_dir: Path, log=print) -> list[int]:
 
 
 def run_sweep(a: SweepArgs, log=print) -> Path:
+    notes = apply_defaults(a)
     validate(a)
+    for n in notes:
+        log(f"loralab: default: {n}")
     run_dir = new_run_dir(a)
     (run_dir / "results").mkdir()
     started = dt.datetime.now().isoformat(timespec="seconds")
@@ -333,7 +357,7 @@ def run_sweep(a: SweepArgs, log=print) -> Path:
     t_start = time.perf_counter()
     records: list[dict] = []
     base = {"model": a.model, "tokenizer": a.tokenizer, "data": a.data, "recipe": a.recipe, "attn": a.attn,
-            "seq_len": a.seq_len, "packing": a.packing, "epochs": a.epochs, "max_steps": a.max_steps or 0,
+            "seq_len": a.seq_len, "packing": run_config(a, 1).packing, "epochs": a.epochs, "max_steps": a.max_steps or 0,
             "gpu_memory_gib": a.gpu_memory_gib or 0.0, "device": a.device, "seed": a.seed,
             "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples,
             "nproc": a.nproc, "strategy": a.strategy, "grad_accum": a.grad_accum, "nnodes": a.nnodes,
@@ -343,7 +367,7 @@ def run_sweep(a: SweepArgs, log=print) -> Path:
     except ConfigError as e:  # the folder says it failed; it holds no report that looks complete
         _write_json_atomic(run_dir / "run_status.json", {"status": "failed", "started": started, "error": str(e)})
         raise
-    plan = build_plan(a.notebooks, batch_sizes)
+    plan = build_plan(a.notebooks, batch_sizes, a.eval_examples, random_weights=a.model == "llama2-7b")
     log(f"loralab: run folder {run_dir}  ({len(plan)} notebooks)")
     status = "interrupted"
     try:
