@@ -197,7 +197,8 @@ class RunConfig:
     gpu_memory_gib: float | None = None
     """Cap the CUDA caching allocator to emulate a card of this size (40: the study's A100)."""
     seed: int = 42
-    log_every: int = 1
+    log_every: int = 0
+    """Print a progress line every N steps (0: about 20 lines per run). steps.jsonl has every step."""
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, str):
@@ -213,6 +214,8 @@ class RunConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: expected an integer >= 1 or None")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        if self.log_every < 0:
+            raise ConfigError(f"log_every={self.log_every}: expected 0 (auto) or an integer >= 1")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise ConfigError(f"gpu_memory_gib={self.gpu_memory_gib}: expected a number > 0")
 

@@ -383,7 +383,7 @@ def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id:
                        **worst, "ranks": per_rank}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                if step == 1 or step == total or step % max(1, cfg.log_every) == 0:
+                if step == 1 or step == total or step % (cfg.log_every or max(1, total // 20)) == 0:
                     progress(f"step {step}/{total}  loss {lv:.4f}  {tokens / dt_max:,.0f} tok/s "
                              f"({tokens / dt_max / W:,.0f} per GPU)  {dt_max:.2f} s/step"
                              + (f"  peak reserved per GPU {[round(p['peak_reserved_gib'], 2) for p in per_rank]} GiB"

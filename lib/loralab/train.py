@@ -128,6 +128,7 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     result.total_steps = total
+    every = cfg.log_every or max(1, total // 20)  # progress lines; steps.jsonl gets every step
 
     # --- setup
     torch.manual_seed(cfg.seed)
@@ -183,7 +184,7 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 result.steps_done = step
-                if step == 1 or step == total or step % max(1, cfg.log_every) == 0:
+                if step == 1 or step == total or step % every == 0:
                     progress(f"step {step}/{total}  loss {lv:.4f}  {n_tokens / dt:,.0f} tok/s  "
                              f"{dt:.2f} s/step" + (f"  peak alloc {mem['peak_allocated_gib']:.2f} GiB  "
                              f"reserved {mem['peak_reserved_gib']:.2f} GiB" if meter.cuda else ""))
