@@ -54,7 +54,7 @@ from loralab import study
 from loralab.config import get_recipe
 from loralab.gpu_monitor import GpuMonitor
 from loralab.model import is_preset, preset_config
-from loralab.report import banner, setup_plotly, write_json
+from loralab.report import banner, read_json, setup_plotly, write_json
 
 setup_plotly()
 banner(model)
@@ -74,6 +74,13 @@ print(f"model {model}: {shape.n_layers} layers, hidden {shape.hidden}, vocab {sh
 print(f"recipe {rec.name}: quantization {rec.quantization}, params {rec.param_dtype}, autocast {rec.autocast}, "
       f"checkpointing {rec.gradient_checkpointing}, attention {rec.attn_implementation}, LoRA r{rec.lora_r} on "
       f"{', '.join(rec.lora_targets)}")
+# A run that trained one dialogue per row (not packed) saw rows far shorter than seq_len:
+# count its FLOPs at the mean row length it actually trained on (notebook 03's result).
+_tr = read_json(run_dir, f"bs{batch_size}/train_result.json") if run_dir else None
+if _tr and _tr.get("tokens_per_step") and _tr["tokens_per_step"] < 0.95 * batch_size * seq_len:
+    mean_len = max(1, round(_tr["tokens_per_step"] / batch_size))
+    print(f"rows are single dialogues (not packed): FLOPs at their mean length, {mean_len} tokens, not seq_len {seq_len}")
+    seq_len = mean_len
 print(f"batch size {batch_size} x seq {seq_len} = {batch_size * seq_len:,} tokens per step, device {dev}")
 
 # %% [markdown]

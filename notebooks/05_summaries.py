@@ -226,7 +226,7 @@ display(pd.DataFrame({
 #    give the same logits and the same greedy summaries.
 # 2. **Merge**: W' = W + (alpha / r) B A folded into the base weights
 #    (peft `merge_and_unload`): the merged model's logits must match the
-#    adapter model's on a probe batch (fp32: within 1e-5; bf16: rounding of
+#    adapter model's on a probe batch (fp32: within 1e-6 of the largest logit, at least 1e-5; bf16: rounding of
 #    the merged weights shows, so the top-1 agreement is reported too).
 # 3. **Export**: the merged model as a Hugging Face folder that plain
 #    `transformers.AutoModelForCausalLM.from_pretrained` loads, no peft.
@@ -265,6 +265,10 @@ if peft_model is not None and check_adapter_life:
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).to(dev).eval()
     merged_logits = logits(plain)
     merge_diff = float((merged_logits - ref_logits).abs().max())
+    # fp32: merging W + BA changes the order of the sums, so the logits may move by a few ulps of
+    # their own size: the tolerance is relative to the largest logit (1e-6 of it, at least 1e-5).
+    logit_scale = float(ref_logits.abs().max())
+    merge_tol = max(1e-5, 1e-6 * logit_scale)
     top1 = float((merged_logits.argmax(-1) == ref_logits.argmax(-1))[probe_mask.bool()].float().mean())
     files = sorted(p.name for p in out.iterdir())
     size_gib = sum(p.stat().st_size for p in out.iterdir()) / 2**30
@@ -276,7 +280,8 @@ if peft_model is not None and check_adapter_life:
         "reload: same greedy summaries": same_text,
         "merged (exported, plain transformers) max |logit diff|": merge_diff,
         "merged top-1 agreement on probe tokens (%)": round(100 * top1, 2),
-        "tolerance": "1e-5 (fp32)" if dtype == "float32" else "bf16 rounding (top-1 agreement reported)",
+        "tolerance": (f"{merge_tol:.1e} (fp32: 1e-6 of the largest logit, {logit_scale:.1f}, at least 1e-5)"
+                      if dtype == "float32" else "bf16 rounding (top-1 agreement reported)"),
         "exported folder": str(out) + ("  (temporary, deleted)" if tmp_root is not None else ""),
         "exported files": ", ".join(files),
         "exported size (GiB)": round(size_gib, 3),
@@ -284,7 +289,7 @@ if peft_model is not None and check_adapter_life:
     display(pd.Series(life, name="adapter life").to_frame())
     if dtype == "float32":
         assert reload_diff == 0.0 and same_text, "reloaded adapter does not reproduce the trained model"
-        assert merge_diff < 1e-5, f"merged logits differ by {merge_diff:.2e} (> 1e-5)"
+        assert merge_diff <= merge_tol, f"merged logits differ by {merge_diff:.2e} (> {merge_tol:.1e})"
 elif peft_model is None:
     print("no adapter: reload / merge / export checks skipped")
 else:

@@ -47,7 +47,8 @@ class TrainResult:
     steps_per_epoch: int
     steps_done: int
     total_steps: int
-    tokens_per_step: int
+    tokens_per_step: float
+    """Tokens a step trains on: batch x seq_len when packed; the measured mean (padding excluded) otherwise."""
     final_loss: float | None = None
     tokens_per_s: float | None = None
     step_time_s: float | None = None
@@ -141,6 +142,7 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
     model.train()
     log = (out_dir / "steps.jsonl").open("w")
     times: list[float] = []
+    step_tokens: list[int] = []
     peaks: dict[str, float] = {}
     step = 0
     progress(f"training: batch size {bs}, {total} steps ({steps_per_epoch} per epoch), "
@@ -177,6 +179,7 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
                     if v is not None:
                         peaks[k] = max(peaks.get(k, 0.0), v)
                 times.append(dt)
+                step_tokens.append(n_tokens)
                 result.losses.append(lv)
                 rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"],
                        "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "step_time_s": dt,
@@ -211,9 +214,12 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
         setattr(result, k, peaks.get(k))
     result.peak_device_used_gib = peaks.get("device_used_gib")
     if times:
-        steady = times[2:] if len(times) > 4 else times  # first steps include warm-up
+        k = 2 if len(times) > 4 else 0  # the first steps include warm-up
+        steady = times[k:]
         result.step_time_s = sum(steady) / len(steady)
-        result.tokens_per_s = result.tokens_per_step / result.step_time_s
+        # throughput counts the tokens trained on (padding excluded), so unpacked rows are not inflated
+        result.tokens_per_step = sum(step_tokens[k:]) / len(steady)
+        result.tokens_per_s = sum(step_tokens[k:]) / sum(steady)
         result.final_loss = result.losses[-1]
         if step >= steps_per_epoch:
             result.epoch_time_s = sum(times[:steps_per_epoch])
