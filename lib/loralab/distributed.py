@@ -268,8 +268,7 @@ def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id:
     out-of-memory error on those ranks at that step (tests; a real CUDA OOM cannot happen on CPU).
     Returns the result dict that rank 0 writes to ``train_result.json``.
     """
-    from loralab.model import DTYPES
-    from loralab.train import MemoryMeter, TrainResult, _sync, free_memory, is_oom
+    from loralab.train import MemoryMeter, TrainResult, _sync, free_memory, is_oom, optimizer_setup
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,12 +281,7 @@ def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id:
     total = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
     result = TrainResult(status="ok", batch_size=b, steps_per_epoch=spe, steps_done=0, total_steps=total,
                          tokens_per_step=G * train_split.seq_len)
-    torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.recipe.learning_rate, weight_decay=cfg.recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.recipe.lr_gamma)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.recipe.compute_dtype])
-                if cfg.recipe.autocast else contextlib.nullcontext())
+    opt, sched, autocast = optimizer_setup(model, cfg, device)
     meter = MemoryMeter(device)
     model.train()
     log = (out_dir / "steps.jsonl").open("w") if ctx.is_main else None

@@ -113,6 +113,17 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def optimizer_setup(model, cfg: RunConfig, device: torch.device):
+    """(AdamW, StepLR stepped once per epoch, autocast context), seeded: as llama-recipes (2023)."""
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.recipe.learning_rate, weight_decay=cfg.recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.recipe.lr_gamma)
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.recipe.compute_dtype])
+                if cfg.recipe.autocast else contextlib.nullcontext())
+    return opt, sched, autocast
+
+
 def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad_id: int,
           progress=print) -> TrainResult:
     """Train ``model`` (a PeftModel) on ``train_split``; write steps.jsonl and the adapter to ``out_dir``."""
@@ -132,12 +143,7 @@ def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad
     every = cfg.log_every or max(1, total // 20)  # progress lines; steps.jsonl gets every step
 
     # --- setup
-    torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.recipe.learning_rate, weight_decay=cfg.recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.recipe.lr_gamma)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.recipe.compute_dtype])
-                if cfg.recipe.autocast else contextlib.nullcontext())
+    opt, sched, autocast = optimizer_setup(model, cfg, device)
     meter = MemoryMeter(device)
     model.train()
     log = (out_dir / "steps.jsonl").open("w")
