@@ -230,11 +230,18 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
         f"<td>{html.escape(r['error'] or '')}</td></tr>" for r in records)
     sweep = "\n".join(
         f"<tr><td>{s['batch_size']}</td><td class='{s['status']}'>{s['status']}</td>"
-        f"<td>{_fmt(s.get('peak_reserved_gib'), '.2f')} GiB</td><td>{_fmt(s.get('tokens_per_s'), ',.0f')} tok/s</td>"
+        f"<td>{'n/a (no GPU)' if s.get('peak_reserved_gib') is None else format(s['peak_reserved_gib'], '.2f') + ' GiB'}</td><td>{_fmt(s.get('tokens_per_s'), ',.0f')} tok/s</td>"
         f"<td>{_fmt(s.get('epoch_time_s'), ',.0f')} s ({html.escape(str(s.get('epoch_time_kind') or '-'))})</td></tr>"
         for s in summary.get("sweep", []))
-    banner = ("<p class='warn'><b>Random weights</b> (preset model): memory, time and FLOPs are real; "
-              "loss values and summaries mean nothing.</p>" if summary.get("random_weights") else "")
+    model = str(summary["config"]["model"])
+    if model == "tiny":
+        banner = ("<p class='warn'><b>Built-in tiny model</b>: a 2-layer Llama built locally so the sweep runs on a "
+                  "CPU in minutes. It shows how loralab works, not what a 7B model costs.</p>")
+    elif summary.get("random_weights"):
+        banner = ("<p class='warn'><b>Random weights</b> (the Llama-2-7B shape): memory, time and FLOPs are real; "
+                  "loss values and summaries mean nothing.</p>")
+    else:
+        banner = ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>loralab run {html.escape(summary['run_id'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
 .ok{{color:#070}}.oom{{color:#b60}}.error{{color:#b00}}.warn{{background:#fff3cd;padding:8px}}</style></head><body>
