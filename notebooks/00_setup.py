@@ -83,11 +83,11 @@ pd.DataFrame(env.items(), columns=["item", "value"])
 # %%
 from transformers import AutoConfig
 
+from loralab.memory import param_count
+
 folder = lm.resolve_model_folder(model)
 mcfg = AutoConfig.from_pretrained(folder)
-n_params = (mcfg.vocab_size * mcfg.hidden_size * 2
-            + mcfg.num_hidden_layers * (4 * mcfg.hidden_size ** 2 + 3 * mcfg.hidden_size * mcfg.intermediate_size
-                                        + 2 * mcfg.hidden_size) + mcfg.hidden_size)
+n_params = param_count(mcfg)  # loralab.memory: embeddings, LM head, layers, norms (GQA-aware)
 random_weights = lm.is_preset(model)
 model_info = {
     "source": model, "folder": str(folder), "random weights": random_weights,

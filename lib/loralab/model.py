@@ -155,6 +155,8 @@ def resolve_tokenizer_path(cfg: RunConfig, model_folder: Path) -> Path:
 
 def resolve_device(device: str) -> torch.device:
     """"auto" | "cpu" | "cuda" -> a torch.device; CUDA devices always carry an index (cuda:N)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

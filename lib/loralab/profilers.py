@@ -42,13 +42,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda': no CUDA device is available here")
-    return torch.device(device)
+    """loralab.model.resolve_device: one place decides devices (CUDA ones carry their index)."""
+    from loralab.model import resolve_device as _resolve
+
+    return _resolve(device)
 
 
 def _sync(device: torch.device) -> None:

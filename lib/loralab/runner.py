@@ -226,7 +226,7 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
     rows = "\n".join(
         f"<tr><td>{html.escape(r['notebook'])}</td><td>{html.escape(r['tag'])}</td>"
         f"<td class='{r['status']}'>{r['status']}</td><td>{r['elapsed_s']:.1f} s</td>"
-        f"<td>{f'<a href={chr(34)}{r[chr(104)+chr(116)+chr(109)+chr(108)]}{chr(34)}>report</a>' if r['html'] else '-'}</td>"
+        f"<td>{_link(r['html'])}</td>"
         f"<td>{html.escape(r['error'] or '')}</td></tr>" for r in records)
     sweep = "\n".join(
         f"<tr><td>{s['batch_size']}</td><td class='{s['status']}'>{s['status']}</td>"
@@ -255,6 +255,10 @@ Start with the <a href="06_report.html">cross-batch report</a>.</p>
     tmp = run_dir / "index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, run_dir / "index.html")
+
+
+def _link(name: str | None) -> str:
+    return f'<a href="{html.escape(name)}">report</a>' if name else "-"
 
 
 def _fmt(v, spec: str) -> str:
