@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def cap_search(model, opt, cfg, recipe, name, args, device) -> dict:
 def markdown(result: dict) -> str:
     L = [f"# Memory sweep: predicted vs measured peak ({result['model']}, random weights)", "",
          f"- command: `{result['command']}`", f"- GPU: {result['gpu']}", f"- versions: {result['versions']}",
+         f"- CUDA caching allocator settings (PYTORCH_CUDA_ALLOC_CONF): {result.get('allocator_conf', 'default')}",
          f"- date: {result['date']}", f"- seq_len {result['seq_len']}, steps per measurement {result['steps']}",
          f"- constants: {result['constants']}", "",
          "| recipe | bs | status | allocated GiB | reserved GiB | device GiB | predicted reserved GiB | error % | peak at |",
@@ -245,7 +247,8 @@ def main(argv=None) -> int:
         result = {
             "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "model": args.model, "random_weights": True, "seq_len": args.seq_len, "steps": args.steps,
-            "gpu": gpu_info(), "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "gpu": gpu_info(), "versions": versions(),
+            "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "default", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_OVERHEAD_FRACTION": M.ALLOCATOR_OVERHEAD_FRACTION,
                           "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
             "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),

@@ -179,8 +179,9 @@ def wrap_model(model, ctx: DistContext, recipe: Recipe | None = None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if recipe is not None and recipe.gradient_checkpointing == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe is not None and recipe.gradient_checkpointing == "full" and recipe.checkpoint_layers is None:
+        # HF's (reentrant) checkpointing, switched to non-reentrant; loralab's own wrapper already is
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
