@@ -296,3 +296,24 @@ def test_notebook_05_runs_end_to_end(tmp_path):
     assert summary["n"] == 4 and set(summary["rouge_finetuned"]) == set(ROUGE_KEYS)
     assert summary["adapter_life"]["reload max |logit diff|"] == 0.0
     assert summary["adapter_life"]["merged (exported, plain transformers) max |logit diff|"] < 1e-5
+
+
+def test_warmup_call_is_untimed_and_changes_nothing():
+    """One 2-token generate before the timed ones; the summaries are the same with or without it."""
+    tok, model = CharTokenizer(), tiny_llama()
+    prompts = [prompt(tok, d) for d in DIALOGS]
+    calls = []
+    real = model.generate
+
+    def counting(*a, **kw):
+        calls.append(kw["generation_config"].max_new_tokens)
+        return real(*a, **kw)
+
+    model.generate = counting
+    warm = generate_summaries(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert calls[0] == 2 and calls[1:] == [12] * -(-len(prompts) // 2)
+    calls.clear()
+    cold = generate_summaries(model, tok, prompts, max_new_tokens=12, batch_size=2, warmup=False)
+    assert calls == [12] * -(-len(prompts) // 2)
+    assert warm.generated_ids == cold.generated_ids
+    assert warm.settings["warmup"] is True and cold.settings["warmup"] is False

@@ -431,11 +431,17 @@ def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_
       buckets, a flat copy of the trainable gradients (``ddp_gradient_buckets`` = LoRA grads bytes;
       PyTorch DDP notes: buckets hold a copy unless gradient_as_bucket_view=True);
     - FSDP2 (``fully_shard`` per decoder layer + root): weights, LoRA, grads and AdamW states
-      divided by W (each GPU keeps one shard, padded: ceil); plus the all-gathered weights of the
-      layers in flight: the current layer and the prefetched next one, 2 x (one layer's weights)
-      x (W-1)/W (the local shard is already counted), and under checkpointing the recomputed layer's
-      gather in backward is the same 2 layers; the root (embeddings, LM head, norms) is unsharded
-      during forward and backward, so its full size counts (Zhao et al. 2023, PyTorch FSDP; FSDP2 docs).
+      divided by W (each GPU keeps one shard, padded: ceil); plus the unsharded weights of the
+      layers in flight, the current layer and the prefetched next one: 2 x one layer's weights at
+      full size, because FSDP2 all-gathers into a new buffer of W x the shard and copies out into
+      separately allocated unsharded parameters while the local shard stays resident
+      (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py: ``all_gather_output`` of
+      ``all_gather_input_numel * world_size``; ``alloc_all_gather_outputs``); under checkpointing
+      the recomputed layer's gather in backward is the same 2 layers; the root (embeddings, LM head,
+      norms) is all-gathered at full size and not resharded after forward (``_fsdp_state.py``: the
+      root's ``post_forward_mesh_info = None``), so it is resident for the whole step, beside its shard.
+      Measured before this accounting (H200, 13B shape, W=2, bs 1): the older (W-1)/W terms
+      under-predicted by 6.7 %; see benchmarks/results/distributed_*.md.
     Returns a ``MemoryBreakdown`` (same ``total`` / ``reserved`` / ``allocated`` semantics).
     """
     from loralab.memory import Shape, predict_peak
@@ -464,10 +470,10 @@ def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_
     for k in ("lora_adapter", "lora_gradients", "optimizer_states"):
         bd.terms[k] = int(math.ceil(bd.terms[k] / W))
         bd.sources[k] += f"; FSDP: 1/{W} shard per GPU"
-    bd.add("fsdp_root_unsharded", root_bytes * (W - 1) / W,
-           "FSDP root (embeddings, LM head, final norm) all-gathered for the whole step")
-    bd.add("fsdp_layers_in_flight", 2 * layer_bytes * (W - 1) / W,
-           "all-gathered weights of 2 decoder layers (current + prefetched), minus the local shard")
+    bd.add("fsdp_root_unsharded", root_bytes,
+           "FSDP root (embeddings, LM head, final norm) all-gathered at full size, kept for the whole step")
+    bd.add("fsdp_layers_in_flight", 2 * layer_bytes,
+           "unsharded weights of 2 decoder layers (current + prefetched), full size beside the local shards")
     return _reapply_overhead(bd)
 
 
