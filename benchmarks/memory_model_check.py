@@ -8,8 +8,12 @@ one training step each, by benchmarks/memory_sweep.py) and seed_sweep_seed_eager
 with the current model and writes memory_model_check_H200_20261130.{json,md}: per row predicted vs measured
 reserved and allocated, error %, pass/fail at 5 %, and the largest batch under the 40 GiB cap.
 
-The allocator constants were calibrated on these same measurements: this is a consistency check, not an
-independent one. The independent check is a fresh GPU run (benchmarks/memory_sweep.py), pending.
+The allocator constants were calibrated on these same measurements: that check is a consistency check.
+The independent check reads the fresh sweeps measured after the calibration, with the constants unchanged:
+
+    python benchmarks/memory_model_check.py --independent --tag fresh \
+        --sweep benchmarks/results/memory_sweep_H200_20261130-0937_seed.json \
+                benchmarks/results/memory_sweep_H200_20261130-0955_qlora-lora.json
 """
 from __future__ import annotations
 
@@ -47,9 +51,29 @@ def measured_largest(sweep: dict, seed: dict | None) -> dict:
     return out
 
 
-def check(sweep_path: Path = SWEEP, seed_path: Path | None = SEED) -> dict:
+CALIBRATION_NOTE = ("The allocator constants (FRAG_LOSS_FRACTION, FRAG_LAYER_FRACTION, ALLOCATOR_FIXED_GIB) and "
+                    "EAGER_EXTRA_SCORE_BUFFERS_CUDA were calibrated on these same measurements: this is a consistency "
+                    "check, not an independent one (see memory_model_check_H200_20261130-fresh.md for that).")
+INDEPENDENT_NOTE = ("Independent check: these sweeps were measured after the constants were calibrated (on "
+                    "memory_sweep_H200_20261130.json, 1 step per point) and the constants were not changed since; "
+                    "2 training steps per point here.")
+
+
+def load_sweeps(paths: list[Path]) -> dict:
+    """One sweep dict from one or more memory_sweep.py results (rows and cap searches concatenated)."""
+    sweeps = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(sweeps[0])
+    merged["rows"] = [r for s in sweeps for r in s["rows"]]
+    merged["cap"] = [c for s in sweeps for c in s["cap"]]
+    if len(sweeps) > 1:
+        for k in ("command", "date"):
+            merged[k] = " | ".join(str(s[k]) for s in sweeps)
+    return merged
+
+
+def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, independent: bool = False) -> dict:
     warnings.filterwarnings("ignore")
-    sweep = json.loads(Path(sweep_path).read_text())
+    sweep = load_sweeps(sweep_path if isinstance(sweep_path, list) else [sweep_path])
     seed = json.loads(Path(seed_path).read_text()) if seed_path and Path(seed_path).exists() else None
     cfg = M.preset_config(sweep["model"])
     rows = []
@@ -81,10 +105,7 @@ def check(sweep_path: Path = SWEEP, seed_path: Path | None = SEED) -> dict:
         largest.append({"recipe": name, "predicted": p, "measured": meas, "measured_note": note,
                         "match": (p == meas) if meas is not None else None})
     return {
-        "note": ("The allocator constants (FRAG_LOSS_FRACTION, FRAG_LAYER_FRACTION, ALLOCATOR_FIXED_GIB) and "
-                 "EAGER_EXTRA_SCORE_BUFFERS_CUDA were calibrated on these same measurements: this is a consistency "
-                 "check, not an independent one. The independent check, a fresh GPU run of "
-                 "benchmarks/memory_sweep.py, is pending."),
+        "note": INDEPENDENT_NOTE if independent else CALIBRATION_NOTE,
         "measurement": {k: sweep[k] for k in ("command", "gpu", "versions", "date", "seq_len", "steps", "model")},
         "seed_sweep": ({k: seed.get(k) for k in ("command", "gpu", "versions", "date")} if seed else None),
         "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB,
@@ -105,7 +126,7 @@ def markdown(res: dict) -> str:
     L = ["# Memory model check: predicted vs measured peak (H200, Llama-2-7B shape, random weights)", "",
          f"**{res['note']}**", "",
          f"- measurements: `{m['command']}` (benchmarks/memory_sweep.py), {m['date']}, GPU {m['gpu']}",
-         f"- versions: {m['versions']}", f"- seq_len {m['seq_len']}, {m['steps']} step per measurement"]
+         f"- versions: {m['versions']}", f"- seq_len {m['seq_len']}, {m['steps']} step(s) per measurement"]
     if res["seed_sweep"]:
         L.append(f"- seed sweep: `{res['seed_sweep']['command']}`, {res['seed_sweep']['date']}")
     L += [f"- constants: {res['constants']}", "",
@@ -132,15 +153,18 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", default=str(SWEEP))
+    ap.add_argument("--sweep", nargs="+", default=[str(SWEEP)], help="memory_sweep.py result(s)")
     ap.add_argument("--seed-sweep", default=str(SEED))
+    ap.add_argument("--independent", action="store_true", help="the sweeps were measured after the calibration")
+    ap.add_argument("--tag", default="", help="output name suffix, e.g. fresh")
     ap.add_argument("--out", default=str(RES))
     args = ap.parse_args(argv)
-    res = check(Path(args.sweep), Path(args.seed_sweep))
+    res = check([Path(p) for p in args.sweep], Path(args.seed_sweep), independent=args.independent)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_model_check_H200_20261130.json").write_text(json.dumps(res, indent=1))
-    (out / "memory_model_check_H200_20261130.md").write_text(markdown(res))
+    name = "memory_model_check_H200_20261130" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 

@@ -178,32 +178,48 @@ def test_memory_sweep_smoke(tmp_path):
 # --- the model against the committed H200 measurements (benchmarks/results) -------------------------
 _RES = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 _SWEEP = _RES / "memory_sweep_H200_20261130.json"
-_KNOWN_MISSES = {("qlora", 1), ("qlora", 2), ("qlora", 16)}
-"""Rows the current model misses by > 5 % (8.7 % each): qlora's reserved - allocated is irregular at bs 1-2
-(1.71 GiB at bs 1, 0.70 at bs 2) and grows faster than the fragmentation terms give (Linear4bit's fp32<->bf16
-casts of every input and output make more block sizes than the saved-tensor working set counts).
+"""The calibration run (1 step per point): the allocator constants were chosen on it."""
+_FRESH = [_RES / "memory_sweep_H200_20261130-0937_seed.json", _RES / "memory_sweep_H200_20261130-0955_qlora-lora.json"]
+"""The independent run (2 steps per point, measured after the calibration, constants unchanged)."""
+_KNOWN_MISSES = {
+    "calibration": {("qlora", 1), ("qlora", 2), ("qlora", 16)},
+    "fresh": {("seed-sdpa", 8), ("seed-sdpa", 16), ("qlora", 8), ("qlora", 16)},
+}
+"""Rows the current model misses by > 5 %. The allocated peak is within 2 % on every row of both runs; the misses
+are the caching allocator's reserved - allocated, which for the checkpointed SDPA + int8/nf4 recipes is not
+reproducible run to run: qlora bs 1 reserved 7.69 GiB in one run and 6.82 in the other with the same allocated
+(5.98 / 6.01), seed-sdpa bs 16 49.10 vs 50.64 (see the two memory_model_check_H200_20261130*.md).
 strict xfail: a fix turns them into failures to remove from this set."""
 
 
 def _sweep_rows():
     import json
 
-    return [r for r in json.loads(_SWEEP.read_text())["rows"] if r["status"] == "ok"]
+    out = []
+    for name, paths in (("calibration", [_SWEEP]), ("fresh", _FRESH)):
+        for p in paths:
+            out += [(name, r) for r in json.loads(p.read_text())["rows"] if r["status"] == "ok"]
+    return out
 
 
-@pytest.mark.parametrize("row", _sweep_rows(), ids=lambda r: f"{r['recipe']}-bs{r['batch_size']}")
-def test_reserved_within_5pct_of_h200(cfg7b, row, request):
-    if (row["recipe"], row["batch_size"]) in _KNOWN_MISSES:
+@pytest.mark.parametrize("run,row", _sweep_rows(), ids=lambda x: x if isinstance(x, str) else f"{x['recipe']}-bs{x['batch_size']}")
+def test_reserved_within_5pct_of_h200(cfg7b, run, row, request):
+    if (row["recipe"], row["batch_size"]) in _KNOWN_MISSES[run]:
         request.applymarker(pytest.mark.xfail(strict=True, reason="known miss, see _KNOWN_MISSES"))
     bd = M.predict_peak(cfg7b, M.recipe_variant(row["recipe"]), row["batch_size"], row["seq_len"])
     assert bd.reserved / M.GIB == pytest.approx(row["reserved_gib"], rel=0.05)
     assert bd.allocated / M.GIB == pytest.approx(row["allocated_gib"], rel=0.02)
 
 
-@pytest.mark.parametrize("name,measured", [("seed", 7), ("lora-bf16", 3),
-                                           pytest.param("lora-bf16-ckpt", 19, marks=pytest.mark.xfail(strict=True, reason="model says 20"))])
+@pytest.mark.parametrize("name,measured", [
+    ("seed", 7), ("lora-bf16", 3),
+    pytest.param("lora-bf16-ckpt", 19, marks=pytest.mark.xfail(strict=True, reason="calibration run; model says 20")),
+    pytest.param("lora-bf16-ckpt", 16, marks=pytest.mark.xfail(strict=True, reason="fresh run, 2 steps; model says 20")),
+    pytest.param("seed-sdpa", 11, marks=pytest.mark.xfail(strict=True, reason="fresh run; model says 13")),
+    pytest.param("qlora", 14, marks=pytest.mark.xfail(strict=True, reason="fresh run; model says 15")),
+])
 def test_largest_batch_under_40gib_cap_matches_h200(cfg7b, name, measured):
-    """seed: 7 fits, 8 OOM (seed_sweep_seed_eager_NVIDIA-H200_20261130.json); the others: memory_sweep's cap search."""
+    """seed: 7 fits, 8 OOM (seed_sweep and the fresh cap search); the others: memory_sweep's cap searches."""
     assert M.largest_batch_that_fits(cfg7b, M.recipe_variant(name), 2048, 40, allocator_cap=True) == measured
 
 
@@ -217,3 +233,6 @@ def test_model_check_script_matches_committed(tmp_path):
     res = mod.check()
     committed = json.loads((_RES / "memory_model_check_H200_20261130.json").read_text())
     assert res["summary"] == committed["summary"]  # re-run benchmarks/memory_model_check.py after model changes
+    fresh = mod.check(_FRESH, independent=True)
+    committed = json.loads((_RES / "memory_model_check_H200_20261130-fresh.json").read_text())
+    assert fresh["summary"] == committed["summary"]
