@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--node-rank", type=int, default=0, help="this node's rank (0 .. nnodes-1)")
     g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (torchrun rendezvous)")
     g.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0")
+    g.add_argument("--scaling-reference", default="", metavar="RUN_DIR",
+                   help="an earlier run folder of the same model, recipe and sequence length on fewer GPUs: "
+                        "the report adds a scaling plot and table (tokens/s, speed-up, efficiency per batch size)")
     p.add_argument("--out", default="outputs", help="parent folder of run folders")
     p.add_argument("--run-id", default="", help="run folder name (default: timestamp-model-recipe); never reused")
     return p.parse_args(argv)
@@ -75,7 +78,8 @@ def to_sweep_args(ns):
                      device=ns.device, seed=ns.seed, out=ns.out, run_id=ns.run_id,
                      notebooks=ns.notebooks, eval_examples=ns.eval_examples,
                      nproc=ns.nproc, strategy=ns.strategy, grad_accum=ns.grad_accum, nnodes=ns.nnodes,
-                     node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port)
+                     node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
+                     scaling_reference=ns.scaling_reference)
 
 
 def main(argv: list[str] | None = None) -> int:

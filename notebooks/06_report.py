@@ -22,6 +22,7 @@ batch_sizes = [1, 4, 7, 8]
 model = "tiny"
 recipe = "seed"
 gpu_memory_gib = 0.0
+scaling_reference = ""  # an earlier run folder of the same model and recipe on fewer GPUs (run_all --scaling-reference)
 
 # %%
 import json
@@ -137,6 +138,45 @@ if multi:
     display(pd.DataFrame(rows).round(2))
 else:
     print("single-process run (no torchrun): see the tables above")
+
+# %% [markdown]
+# ## Scaling: this run against a reference on fewer GPUs
+#
+# With `run_all.py --scaling-reference RUN_DIR` (an earlier run of the same model, recipe and
+# sequence length): tokens/s per batch size per GPU in both runs, the speed-up, and the
+# efficiency = speed-up / (GPUs here / GPUs there). Batch sizes are per GPU in both runs.
+
+# %%
+scaling = []
+if scaling_reference:
+    ref = read_json(Path(scaling_reference), "summary.json") or {}
+    ref_rows = {r["batch_size"]: r for r in ref.get("sweep", []) if r.get("status") == "ok" and r.get("tokens_per_s")}
+    for bs in batch_sizes:
+        mine = results.get(bs)
+        if not (mine and mine.get("status") == "ok" and mine.get("tokens_per_s") and bs in ref_rows):
+            continue
+        w_ref, w = ref_rows[bs].get("world_size", 1), mine.get("world_size", 1)
+        speedup = mine["tokens_per_s"] / ref_rows[bs]["tokens_per_s"]
+        scaling.append({"batch size per GPU": bs, "GPUs (reference)": w_ref, "GPUs (this run)": w,
+                        "tokens/s (reference)": ref_rows[bs]["tokens_per_s"], "tokens/s (this run)": mine["tokens_per_s"],
+                        "speed-up": speedup, "efficiency": speedup / (w / w_ref)})
+    (run / "results" / "scaling.json").write_text(json.dumps({"reference": str(scaling_reference), "rows": scaling}, indent=1))
+    if scaling:
+        display(pd.DataFrame(scaling).round(3))
+        fig = go.Figure()
+        xs = [f"bs {r['batch size per GPU']}" for r in scaling]
+        fig.add_bar(name=f"reference ({scaling[0]['GPUs (reference)']} GPU)", x=xs, y=[r["tokens/s (reference)"] for r in scaling])
+        fig.add_bar(name=f"this run ({scaling[0]['GPUs (this run)']} GPUs)", x=xs, y=[r["tokens/s (this run)"] for r in scaling],
+                    text=[f"{r['speed-up']:.2f}x" for r in scaling], textposition="outside")
+        fig.add_scatter(name="linear scaling", x=xs, mode="markers", marker_symbol="line-ew-open", marker_size=40,
+                        y=[r["tokens/s (reference)"] * r["GPUs (this run)"] / r["GPUs (reference)"] for r in scaling])
+        fig.update_layout(title="Throughput: this run vs the reference (same batch size per GPU)", yaxis_title="tokens/s",
+                          barmode="group", height=380)
+        fig.show()
+    else:
+        print(f"no batch size trained in both this run and the reference {scaling_reference}")
+else:
+    print("no --scaling-reference given: nothing to compare against")
 
 # %% [markdown]
 # ## Training loss per step (the study's Figures 7 and 8)

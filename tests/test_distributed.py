@@ -173,10 +173,14 @@ def test_oom_on_one_rank_ends_the_run_without_a_hang(tmp_path):
 
 @pytest.mark.slow
 def test_run_all_nproc_2_end_to_end(tmp_path):
-    """(d) run_all --nproc 2 on CPU: notebooks 03 and 06 with two processes per training run."""
-    cmd = [sys.executable, str(REPO / "run_all.py"), "--nproc", "2", "--device", "cpu", "--batch-sizes", "2",
-           "--recipe", "fast", "--seq-len", "128", "--max-steps", "3", "--notebooks", "00", "01", "03", "06",
-           "--out", str(tmp_path), "--run-id", "dist", "--master-port", str(free_port())]
+    """(d) run_all --nproc 2 on CPU: notebooks 03 and 06 with two processes per training run, and the
+    scaling section of 06 against a one-process reference run of the same job."""
+    common = [sys.executable, str(REPO / "run_all.py"), "--device", "cpu", "--batch-sizes", "2", "--recipe", "fast",
+              "--seq-len", "128", "--max-steps", "3", "--out", str(tmp_path)]
+    p = subprocess.run(common + ["--notebooks", "03", "06", "--run-id", "one"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cmd = common + ["--nproc", "2", "--notebooks", "00", "01", "03", "06", "--run-id", "dist",
+                    "--master-port", str(free_port()), "--scaling-reference", str(tmp_path / "one")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     run = tmp_path / "dist"
@@ -185,6 +189,29 @@ def test_run_all_nproc_2_end_to_end(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sweep"][0]["status"] == "ok"
     assert (run / "03_training_bs2.html").exists()
+    ref = json.loads((tmp_path / "one" / "summary.json").read_text())
+    (row,) = summary["scaling"]["rows"]
+    assert (row["GPUs (reference)"], row["GPUs (this run)"], row["batch size per GPU"]) == (1, 2, 2)
+    assert row["speed-up"] == pytest.approx(summary["sweep"][0]["tokens_per_s"] / ref["sweep"][0]["tokens_per_s"])
+    assert row["efficiency"] == pytest.approx(row["speed-up"] / 2)
+    assert "Throughput: this run vs the reference" in (run / "06_report.html").read_text()
+
+
+def test_scaling_reference_of_another_job_is_refused(tmp_path):
+    """A reference of another recipe: one-line error, exit 2, no run folder."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "summary.json").write_text(json.dumps({"config": {"model": "tiny", "recipe": {"name": "seed"}, "seq_len": 128}}))
+    out = tmp_path / "runs"
+    p = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--device", "cpu", "--batch-sizes", "2", "--recipe", "fast",
+                        "--seq-len", "128", "--out", str(out), "--scaling-reference", str(ref)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "--scaling-reference" in p.stderr and "same model, recipe" in p.stderr
+    assert not out.exists() or not any(out.iterdir())
+    p = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--device", "cpu", "--batch-sizes", "2",
+                        "--out", str(out), "--scaling-reference", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "expected an earlier run folder with a summary.json" in p.stderr
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

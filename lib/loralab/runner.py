@@ -56,6 +56,8 @@ class SweepArgs:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    scaling_reference: str = ""
+    """An earlier run folder (same model, recipe, seq_len; fewer GPUs): 06 adds a scaling plot."""
 
 
 def notebook_path(prefix: str) -> Path:
@@ -123,6 +125,23 @@ def validate(a: SweepArgs) -> None:
                node_rank=a.node_rank, master_addr=a.master_addr, master_port=a.master_port)
     for nb in a.notebooks:
         notebook_path(nb)
+    if a.scaling_reference:
+        check_scaling_reference(a)
+
+
+def check_scaling_reference(a: SweepArgs) -> dict:
+    """The reference run's summary.json; a one-line ConfigError when it cannot serve as one."""
+    ref = Path(a.scaling_reference).expanduser()
+    summary = _read_json(ref / "summary.json")
+    if summary is None:
+        raise ConfigError(f"--scaling-reference {str(ref)!r}: expected an earlier run folder with a summary.json")
+    c = summary.get("config", {})
+    mine = {"model": a.model, "recipe": a.recipe, "seq_len": a.seq_len}
+    theirs = {"model": c.get("model"), "recipe": (c.get("recipe") or {}).get("name"), "seq_len": c.get("seq_len")}
+    if mine != theirs:
+        raise ConfigError(f"--scaling-reference {str(ref)!r}: it ran {theirs}; expected the same model, recipe and "
+                          f"seq_len as this run ({mine})")
+    return summary
 
 
 def new_run_dir(a: SweepArgs) -> Path:
@@ -307,6 +326,9 @@ def collect_summary(run_dir: Path, a: SweepArgs, batch_sizes: list[int], records
     ev = _read_json(run_dir / "results" / "eval.json")
     if ev:
         summary["eval"] = ev
+    sc = _read_json(run_dir / "results" / "scaling.json")
+    if sc:
+        summary["scaling"] = sc
     return summary
 
 
@@ -372,7 +394,8 @@ def run_sweep(a: SweepArgs, log=print) -> Path:
             "gpu_memory_gib": a.gpu_memory_gib or 0.0, "device": a.device, "seed": a.seed,
             "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples,
             "nproc": a.nproc, "strategy": a.strategy, "grad_accum": a.grad_accum, "nnodes": a.nnodes,
-            "node_rank": a.node_rank, "master_addr": a.master_addr, "master_port": a.master_port}
+            "node_rank": a.node_rank, "master_addr": a.master_addr, "master_port": a.master_port,
+            "scaling_reference": str(Path(a.scaling_reference).expanduser().resolve()) if a.scaling_reference else ""}
     try:
         batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else resolve_auto_batch(a, run_dir, log)
     except ConfigError as e:  # the folder says it failed; it holds no report that looks complete
