@@ -195,6 +195,9 @@ def test_run_all_nproc_2_end_to_end(tmp_path):
     assert row["speed-up"] == pytest.approx(summary["sweep"][0]["tokens_per_s"] / ref["sweep"][0]["tokens_per_s"])
     assert row["efficiency"] == pytest.approx(row["speed-up"] / 2)
     assert "Throughput: this run vs the reference" in (run / "06_report.html").read_text()
+    index = (run / "index.html").read_text()
+    assert "batch per GPU x GPUs x accumulation = global" in index and "<td>2 x 2 x 1 = 4</td>" in index
+    assert "accumulation = global" not in (tmp_path / "one" / "index.html").read_text()  # one process: no GPU columns
 
 
 def test_scaling_reference_of_another_job_is_refused(tmp_path):

@@ -247,11 +247,23 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
         f"<td class='{r['status']}'>{r['status']}</td><td>{r['elapsed_s']:.1f} s</td>"
         f"<td>{_link(r['html'])}</td>"
         f"<td>{html.escape(r['error'] or '')}</td></tr>" for r in records)
+    multi = any((s.get("world_size") or 1) > 1 for s in summary.get("sweep", []))
+
+    def gpu_cells(s: dict) -> str:  # several GPUs: the global batch, per-GPU throughput and each GPU's peak
+        if not multi:
+            return ""
+        per = ", ".join(_fmt(r.get("peak_reserved_gib"), ".2f") for r in s.get("per_rank") or []) or "-"
+        return (f"<td>{s['batch_size']} x {s.get('world_size') or 1} x {s.get('grad_accum') or 1} = "
+                f"{_fmt(s.get('global_batch_size'), 'd')}</td><td>{_fmt(s.get('tokens_per_s_per_gpu'), ',.0f')} tok/s</td>"
+                f"<td>{per}</td>")
+
     sweep = "\n".join(
         f"<tr><td>{s['batch_size']}</td><td class='{s['status']}'>{s['status']}</td>"
         f"<td>{'n/a (no GPU)' if s.get('peak_reserved_gib') is None else format(s['peak_reserved_gib'], '.2f') + ' GiB'}</td><td>{_fmt(s.get('tokens_per_s'), ',.0f')} tok/s</td>"
-        f"<td>{_fmt(s.get('epoch_time_s'), ',.0f')} s ({html.escape(str(s.get('epoch_time_kind') or '-'))})</td></tr>"
+        f"<td>{_fmt(s.get('epoch_time_s'), ',.0f')} s ({html.escape(str(s.get('epoch_time_kind') or '-'))})</td>{gpu_cells(s)}</tr>"
         for s in summary.get("sweep", []))
+    gpu_heads = ("<th>batch per GPU x GPUs x accumulation = global</th><th>throughput per GPU</th>"
+                 "<th>peak reserved per GPU (GiB)</th>") if multi else ""
     model = str(summary["config"]["model"])
     if model == "tiny":
         banner = ("<p class='warn'><b>Built-in tiny model</b>: a 2-layer Llama built locally so the sweep runs on a "
@@ -268,7 +280,7 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
 <p>model <b>{html.escape(str(summary['config']['model']))}</b>, recipe <b>{html.escape(summary['config']['recipe']['name'])}</b>,
 data <b>{html.escape(str(summary['config']['data']))}</b>, started {html.escape(summary['started'])}, took {summary['elapsed_s']:.0f} s.
 Start with the <a href="06_report.html">cross-batch report</a>.</p>
-<h2>Sweep</h2><table><tr><th>batch size</th><th>status</th><th>peak reserved</th><th>throughput</th><th>epoch time</th></tr>{sweep}</table>
+<h2>Sweep</h2><table><tr><th>batch size{' per GPU' if multi else ''}</th><th>status</th><th>peak reserved{' (largest GPU)' if multi else ''}</th><th>throughput{' (all GPUs)' if multi else ''}</th><th>epoch time</th>{gpu_heads}</tr>{sweep}</table>
 <h2>Notebooks</h2><table><tr><th>notebook</th><th>part</th><th>status</th><th>time</th><th>HTML</th><th>error</th></tr>{rows}</table>
 <p>summary.json holds every number above.</p></body></html>"""
     tmp = run_dir / "index.html.tmp"
