@@ -219,10 +219,44 @@ def test_compile_on_cpu_matches_eager():
     l, g = step(m, rec, ids)
     assert l == pytest.approx(l_ref, rel=1e-4)
     assert_grads_close(g, g_ref, rtol=1e-3, atol=1e-5)
-    fast.configure_layers(m, compile=True, checkpointing="full")  # checkpoint around the compiled layer
-    l2, g2 = step(m, rec, ids)
-    assert l2 == pytest.approx(l_ref, rel=1e-4)
-    assert_grads_close(g2, g_ref, rtol=1e-3, atol=1e-5)
+    for mode in ("full", "selective"):  # the checkpoint inside the compiled layer
+        fast.configure_layers(m, compile=True, checkpointing=mode)
+        l2, g2 = step(m, rec, ids)
+        assert l2 == pytest.approx(l_ref, rel=1e-4), mode
+        assert_grads_close(g2, g_ref, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_under_compile_recomputes_no_matmul():
+    """Compiled + checkpointed layers: AOTAutograd's backward graph holds the recompute. Full checkpointing
+    recomputes the layer's matmuls there, selective keeps them (its policy saves mm outputs): fewer mm."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def count_backward_mm(mode):
+        counts = []
+
+        def fw(gm, _inputs):
+            return make_boxed_func(gm.forward)
+
+        def bw(gm, _inputs):
+            counts.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"
+                              and getattr(n.target, "overloadpacket", None) is torch.ops.aten.mm))
+            return make_boxed_func(gm.forward)
+
+        cfg = tiny(layers=2)
+        rec = PLAIN.replace(param_dtype="float32")
+        m = build_lora_model(cfg, rec, "cpu", seed=0)
+        torch._dynamo.reset()
+        fast.configure_layers(m, compile=True, checkpointing=mode,
+                              compile_options={"backend": aot_autograd(fw_compiler=fw, bw_compiler=bw)})
+        step(m, rec, random_batch(cfg.vocab_size, 2, 16, torch.device("cpu"), seed=1))
+        assert counts, "no backward graph compiled"
+        return counts[0]
+
+    full, selective, none = count_backward_mm("full"), count_backward_mm("selective"), count_backward_mm("none")
+    # per layer: 7 frozen linears + 4 LoRA matmuls recomputed under full; their backward mms are in all three
+    assert selective == none < full, (none, selective, full)
 
 
 @pytest.mark.gpu
