@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def to_sweep_args(ns):
-    from loralab.runner import SweepArgs
+    from loralab.runner import SweepArgs, launch_args
 
     if ns.batch_sizes == ["auto"]:
         batch_sizes = "auto"
@@ -77,8 +77,9 @@ def to_sweep_args(ns):
                      epochs=ns.epochs, max_steps=ns.max_steps, gpu_memory_gib=ns.gpu_memory_gib,
                      device=ns.device, seed=ns.seed, out=ns.out, run_id=ns.run_id,
                      notebooks=ns.notebooks, eval_examples=ns.eval_examples,
-                     nproc=ns.nproc, strategy=ns.strategy, grad_accum=ns.grad_accum, nnodes=ns.nnodes,
-                     node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
+                     launch=launch_args(nproc=ns.nproc, strategy=ns.strategy, grad_accum=ns.grad_accum,
+                                         nnodes=ns.nnodes, node_rank=ns.node_rank, master_addr=ns.master_addr,
+                                         master_port=ns.master_port),
                      scaling_reference=ns.scaling_reference)
 
 

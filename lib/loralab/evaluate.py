@@ -187,13 +187,12 @@ def generate_summaries(
         raise ConfigError("prompts: expected a non-empty list of non-empty token id lists")
     eos_id = tokenizer.eos_id
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else eos_id
-    gen_cfg = GenerationConfig(
-        **DECODING,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        bos_token_id=tokenizer.bos_id,
-    )
+
+    def gen_config(n_new: int) -> GenerationConfig:
+        return GenerationConfig(**DECODING, max_new_tokens=n_new, eos_token_id=eos_id, pad_token_id=pad_id,
+                                bos_token_id=tokenizer.bos_id)
+
+    gen_cfg = gen_config(max_new_tokens)
     settings = dict(DECODING, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     eos_token_id=eos_id, pad_token_id=pad_id, padding_side="left",
                     stop_at_newline=stop_at_newline, warmup=warmup)
@@ -210,9 +209,7 @@ def generate_summaries(
         if warmup:  # untimed: the first generate call pays for kernel selection and caches (4x slower on a GPU)
             ids, mask = _left_pad([prompts[i] for i in order[:batch_size]], pad_id, device)
             with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=mask,
-                               generation_config=GenerationConfig(**DECODING, max_new_tokens=2, eos_token_id=eos_id,
-                                                                  pad_token_id=pad_id, bos_token_id=tokenizer.bos_id))
+                model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config(2))
         if on_cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)

@@ -11,6 +11,7 @@ are written last, atomically; a folder without them is an unfinished run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import html
 import json
@@ -18,11 +19,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loralab.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
+
+
+def launch_args(**kw):
+    """``loralab.distributed.LaunchArgs(**kw)``, checked on construction (a ConfigError names the bad option)."""
+    from loralab.distributed import LaunchArgs  # torch: imported only when needed
+
+    return LaunchArgs(**kw)
 
 
 @dataclass
@@ -48,14 +57,9 @@ class SweepArgs:
     run_id: str = ""
     notebooks: list[str] = field(default_factory=lambda: ["00", "01", "02", "03", "04", "05", "06"])
     eval_examples: int = 50
-    # several GPUs / nodes (loralab.distributed): training runs under torchrun when nproc * nnodes > 1
-    nproc: int = 1
-    strategy: str = "auto"
-    grad_accum: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    launch: Any = field(default_factory=launch_args)
+    """loralab.distributed.LaunchArgs (torchrun's options, checked when built): training runs under torchrun
+    when nproc * nnodes > 1."""
     scaling_reference: str = ""
     """An earlier run folder (same model, recipe, seq_len; fewer GPUs): 06 adds a scaling plot."""
 
@@ -120,9 +124,6 @@ def validate(a: SweepArgs) -> None:
     elif a.model == "llama2-7b":
         raise ConfigError("tokenizer: the llama2-7b preset has no tokenizer; pass --tokenizer with a Llama 2 tokenizer.model (vocab 32000)")
     load_splits(a.data)
-    from loralab.distributed import LaunchArgs
-    LaunchArgs(nproc=a.nproc, strategy=a.strategy, grad_accum=a.grad_accum, nnodes=a.nnodes,
-               node_rank=a.node_rank, master_addr=a.master_addr, master_port=a.master_port)
     for nb in a.notebooks:
         notebook_path(nb)
     if a.scaling_reference:
@@ -405,8 +406,7 @@ def run_sweep(a: SweepArgs, log=print) -> Path:
             "seq_len": a.seq_len, "packing": run_config(a, 1).packing, "epochs": a.epochs, "max_steps": a.max_steps or 0,
             "gpu_memory_gib": a.gpu_memory_gib or 0.0, "device": a.device, "seed": a.seed,
             "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples,
-            "nproc": a.nproc, "strategy": a.strategy, "grad_accum": a.grad_accum, "nnodes": a.nnodes,
-            "node_rank": a.node_rank, "master_addr": a.master_addr, "master_port": a.master_port,
+            **{k: v for k, v in dataclasses.asdict(a.launch).items() if k != "timeout_s"},
             "scaling_reference": str(Path(a.scaling_reference).expanduser().resolve()) if a.scaling_reference else ""}
     try:
         batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else resolve_auto_batch(a, run_dir, log)
