@@ -59,7 +59,7 @@ BAR = {"40": {"hf": 1.5, "liger": 1.1, "seed": 12.0}, "24": {"hf_or_liger": 1.2}
 def method_recipes() -> dict[str, Recipe]:
     fast = get_recipe("fast")
     hf = fast.replace(name="hf-peft-bf16", lora_dropout=0.05, cross_entropy="hf", liger="off", compile="off",
-                      lora_matmul_dtype="adapter")
+                      lora_matmul_dtype="adapter", allocator="caching")  # as a user runs it
     liger = hf.replace(name="hf-peft-liger", liger="on", cross_entropy="liger")
     return {
         "seed": get_recipe("seed"),
@@ -79,12 +79,13 @@ def method_recipes() -> dict[str, Recipe]:
         "fast-full-ckpt": fast.replace(name="fast-full-ckpt", gradient_checkpointing="full", checkpoint_layers=10**6),
         "fast-offload": fast.replace(name="fast-offload", gradient_checkpointing="offload", checkpoint_layers=8),
         "fast-doc-positions": fast.replace(name="fast-doc-positions", doc_position_ids=True),
+        "fast-caching-allocator": fast.replace(name="fast-caching-allocator", allocator="caching"),
     }
 
 
 ABLATION = ["fast", "fast-eager-layers", "fast-liger-no-compile", "fast-compile+liger", "fast-hf-ce",
             "fast-lora-fp32-input", "fast-dropout", "fast-selective-ckpt", "fast-full-ckpt", "fast-offload",
-            "fast-doc-positions"]
+            "fast-doc-positions", "fast-caching-allocator"]
 GUARD = {"hf", "liger", "fast"}
 CKPT_SEARCH = {"fast"}
 

@@ -40,14 +40,14 @@ def measured_largest(sweep: dict, seed: dict | None) -> dict:
         ok = [b for b, s in tried.items() if s == "ok"]
         known = c["measured_largest"]
         if known is None and not ok:
-            out[c["recipe"]] = (None, f"< {min(tried)} (bs {', '.join(map(str, sorted(tried)))} OOM)")
+            out[(c["recipe"], c.get("allocator", "caching"))] = (None, f"< {min(tried)} (bs {', '.join(map(str, sorted(tried)))} OOM)")
         else:
-            out[c["recipe"]] = (known, f"{known} fits, {known + 1} OOM (memory_sweep cap search)")
+            out[(c["recipe"], c.get("allocator", "caching"))] = (known, f"{known} fits, {known + 1} OOM (memory_sweep cap search)")
     if seed is not None:
         st = {int(r["batch_size"]): r["status"] for r in seed["rows"]}
         fit = max(b for b, s in st.items() if s == "ok")
         if st.get(fit + 1) == "oom":
-            out["seed"] = (fit, f"{fit} fits, {fit + 1} OOM (seed_sweep: real training loop under the cap)")
+            out[("seed", "caching")] = (fit, f"{fit} fits, {fit + 1} OOM (seed_sweep: real training loop under the cap)")
     return out
 
 
@@ -59,16 +59,46 @@ INDEPENDENT_NOTE = ("Independent check: these sweeps were measured after the con
                     "2 training steps per point here.")
 
 
-def load_sweeps(paths: list[Path]) -> dict:
-    """One sweep dict from one or more memory_sweep.py results (rows and cap searches concatenated)."""
-    sweeps = [json.loads(Path(p).read_text()) for p in paths]
-    merged = dict(sweeps[0])
-    merged["rows"] = [r for s in sweeps for r in s["rows"]]
-    merged["cap"] = [c for s in sweeps for c in s["cap"]]
-    if len(sweeps) > 1:
-        for k in ("command", "date"):
-            merged[k] = " | ".join(str(s[k]) for s in sweeps)
+def parse_sweep(spec: str) -> tuple[Path, set[str] | None]:
+    """``path`` or ``path:recipe,recipe`` (only those recipes' rows and cap searches from that file)."""
+    path, _, names = spec.partition(":")
+    return Path(path), ({n for n in names.split(",") if n} or None)
+
+
+def load_sweeps(specs: list) -> dict:
+    """One sweep dict from one or more memory_sweep.py results (rows and cap searches concatenated).
+
+    Every row and cap search gets its "allocator": sweeps made before Recipe.allocator existed ran every recipe
+    under PyTorch's default caching allocator (their header says so); later ones record it.
+    """
+    specs = [parse_sweep(x) if isinstance(x, str) else (Path(x), None) if not isinstance(x, tuple) else x for x in specs]
+    merged, rows, caps, cmds, dates = None, [], [], [], []
+    for path, names in specs:
+        sw = json.loads(path.read_text())
+        merged = merged or dict(sw)
+        keep = (lambda n: True) if names is None else (lambda n: n in names)  # noqa: E731
+        for r in sw["rows"]:
+            if keep(r["recipe"]):
+                rows.append({**r, "allocator": r.get("allocator", "caching")})
+        for c in sw["cap"]:
+            if keep(c["recipe"]):
+                alloc = c.get("allocator") or next((r.get("allocator") for r in sw["rows"] if r["recipe"] == c["recipe"]
+                                                    and r.get("allocator")), "caching")
+                caps.append({**c, "allocator": alloc})
+        cmds.append(str(sw["command"]) + (f" [rows of {', '.join(sorted(names))}]" if names else ""))
+        dates.append(str(sw["date"]))
+    merged["rows"], merged["cap"] = rows, caps
+    merged["command"], merged["date"] = " | ".join(cmds), " | ".join(dates)
     return merged
+
+
+def as_measured(name: str, allocator: str) -> "M.Recipe":
+    """The recipe variant with the allocator it was measured under."""
+    return M.recipe_variant(name).replace(allocator=allocator)
+
+
+def as_loralab_runs(name: str, allocator: str) -> bool:
+    return M.recipe_variant(name).allocator == allocator
 
 
 def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, independent: bool = False) -> dict:
@@ -80,10 +110,12 @@ def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, 
     for r in sweep["rows"]:
         if r["status"] != "ok":
             continue
-        bd = M.predict_peak(cfg, M.recipe_variant(r["recipe"]), r["batch_size"], r["seq_len"])
+        bd = M.predict_peak(cfg, as_measured(r["recipe"], r["allocator"]), r["batch_size"], r["seq_len"])
         pr, pa = bd.reserved / M.GIB, bd.allocated / M.GIB
         err = 100 * (pr / r["reserved_gib"] - 1)
-        rows.append({"source": "memory_sweep", "recipe": r["recipe"], "batch_size": r["batch_size"], "cap_gib": None,
+        rows.append({"source": "memory_sweep", "recipe": r["recipe"], "allocator": r["allocator"],
+                     "as_loralab_runs": as_loralab_runs(r["recipe"], r["allocator"]),
+                     "batch_size": r["batch_size"], "cap_gib": None,
                      "measured_reserved_gib": r["reserved_gib"], "predicted_reserved_gib": pr, "error_pct": err,
                      "measured_allocated_gib": r["allocated_gib"], "predicted_allocated_gib": pa,
                      "allocated_error_pct": 100 * (pa / r["allocated_gib"] - 1), "pass": abs(err) <= TOL_PCT, "phase": bd.phase})
@@ -100,15 +132,18 @@ def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, 
                               "measured_allocated_gib": r.get("peak_allocated_gib"), "predicted_allocated_gib": bd.allocated / M.GIB})
     known = measured_largest(sweep, seed)
     largest = []
-    for name, (meas, note) in known.items():
-        p = M.largest_batch_that_fits(cfg, M.recipe_variant(name), sweep["seq_len"], CAP_GIB, allocator_cap=True)
-        largest.append({"recipe": name, "predicted": p, "measured": meas, "measured_note": note,
+    for (name, alloc), (meas, note) in known.items():
+        p = M.largest_batch_that_fits(cfg, as_measured(name, alloc), sweep["seq_len"], CAP_GIB, allocator_cap=True)
+        largest.append({"recipe": name, "allocator": alloc, "as_loralab_runs": as_loralab_runs(name, alloc),
+                        "predicted": p, "measured": meas, "measured_note": note,
                         "match": (p == meas) if meas is not None else None})
     return {
         "note": INDEPENDENT_NOTE if independent else CALIBRATION_NOTE,
         "measurement": {k: sweep[k] for k in ("command", "gpu", "versions", "date", "seq_len", "steps", "model")},
         "seed_sweep": ({k: seed.get(k) for k in ("command", "gpu", "versions", "date")} if seed else None),
         "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB,
+                      "EXPANDABLE_FIXED_GIB": M.EXPANDABLE_FIXED_GIB,
+                      "EXPANDABLE_LOSS_FRACTION": M.EXPANDABLE_LOSS_FRACTION, "expandable_calibration": M.EXPANDABLE_CALIBRATION,
                       "FRAG_LOSS_FRACTION": M.FRAG_LOSS_FRACTION, "FRAG_LAYER_FRACTION": M.FRAG_LAYER_FRACTION,
                       "EAGER_EXTRA_SCORE_BUFFERS_CUDA": M.EAGER_EXTRA_SCORE_BUFFERS_CUDA,
                       "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN, "calibration": M.CALIBRATION},
@@ -117,7 +152,12 @@ def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, 
         "summary": {"rows": len(rows), "within_tol": sum(r["pass"] for r in rows),
                     "max_abs_error_pct": max(abs(r["error_pct"]) for r in rows),
                     "largest_known": sum(x["measured"] is not None for x in largest),
-                    "largest_match": sum(bool(x["match"]) for x in largest)},
+                    "largest_match": sum(bool(x["match"]) for x in largest),
+                    "as_loralab_runs": {
+                        "rows": sum(r["as_loralab_runs"] for r in rows),
+                        "within_tol": sum(r["pass"] and r["as_loralab_runs"] for r in rows),
+                        "largest_known": sum(x["measured"] is not None and x["as_loralab_runs"] for x in largest),
+                        "largest_match": sum(bool(x["match"]) and x["as_loralab_runs"] for x in largest)}},
     }
 
 
@@ -133,10 +173,13 @@ def markdown(res: dict) -> str:
           f"**{s['within_tol']} / {s['rows']} rows within {res['tolerance_pct']:.0f} %** of measured reserved "
           f"(largest |error| {s['max_abs_error_pct']:.1f} %); largest batch under {res['largest_batch_cap_gib']:.0f} GiB: "
           f"{s['largest_match']} / {s['largest_known']} known values matched.", "",
-          "| recipe | bs | measured reserved GiB | predicted reserved GiB | error % | pass | measured allocated GiB | predicted allocated GiB | error % | peak at |",
-          "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+          f"**As loralab runs each recipe** (Recipe.allocator: seed 'caching', as the study; the others 'expandable'): "
+          f"{s['as_loralab_runs']['within_tol']} / {s['as_loralab_runs']['rows']} rows within {res['tolerance_pct']:.0f} %; "
+          f"largest batch {s['as_loralab_runs']['largest_match']} / {s['as_loralab_runs']['largest_known']} matched.", "",
+          "| recipe | allocator | bs | measured reserved GiB | predicted reserved GiB | error % | pass | measured allocated GiB | predicted allocated GiB | error % | peak at |",
+          "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     for r in res["rows"]:
-        L.append(f"| {r['recipe']} | {r['batch_size']} | {r['measured_reserved_gib']:.2f} | {r['predicted_reserved_gib']:.2f} | "
+        L.append(f"| {r['recipe']} | {r.get('allocator', 'caching')} | {r['batch_size']} | {r['measured_reserved_gib']:.2f} | {r['predicted_reserved_gib']:.2f} | "
                  f"{r['error_pct']:+.1f} | {'yes' if r['pass'] else 'NO'} | {r['measured_allocated_gib']:.2f} | "
                  f"{r['predicted_allocated_gib']:.2f} | {r['allocated_error_pct']:+.1f} | {r['phase']} |")
     if res["seed_sweep_rows"]:
@@ -145,21 +188,25 @@ def markdown(res: dict) -> str:
         L += [f"| {r['batch_size']} | {r['measured_reserved_gib']:.2f} | {r['predicted_reserved_gib']:.2f} | {r['error_pct']:+.1f} |"
               for r in res["seed_sweep_rows"]]
     L += ["", f"Largest batch under a {res['largest_batch_cap_gib']:.0f} GiB allocator cap:", "",
-          "| recipe | predicted | measured | match |", "| --- | ---: | --- | --- |"]
-    L += [f"| {x['recipe']} | {x['predicted']} | {x['measured_note']} | "
+          "| recipe | allocator | predicted | measured | match |", "| --- | --- | ---: | --- | --- |"]
+    L += [f"| {x['recipe']} | {x['allocator']} | {x['predicted']} | {x['measured_note']} | "
           f"{'-' if x['match'] is None else ('yes' if x['match'] else 'NO')} |" for x in res["largest_batch"]]
     return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", nargs="+", default=[str(SWEEP)], help="memory_sweep.py result(s)")
+    ap.add_argument("--sweep", nargs="+", default=[str(SWEEP)],
+                    help="memory_sweep.py result(s); path:recipe,recipe takes only those recipes from a file")
+    ap.add_argument("--note", default=None, help="what the check is (default: the calibration / independent note)")
     ap.add_argument("--seed-sweep", default=str(SEED))
     ap.add_argument("--independent", action="store_true", help="the sweeps were measured after the calibration")
     ap.add_argument("--tag", default="", help="output name suffix, e.g. fresh")
     ap.add_argument("--out", default=str(RES))
     args = ap.parse_args(argv)
-    res = check([Path(p) for p in args.sweep], Path(args.seed_sweep), independent=args.independent)
+    res = check(list(args.sweep), Path(args.seed_sweep), independent=args.independent)
+    if args.note:
+        res["note"] = args.note
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "memory_model_check_H200_20261130" + (f"-{args.tag}" if args.tag else "")

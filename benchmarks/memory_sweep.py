@@ -16,6 +16,7 @@ records max_memory_allocated, max_memory_reserved and the device peak (reserved 
 process's memory outside the allocator, from cudaMemGetInfo before the run), or OOM.
 Then, under ``--cap-gib`` (set_per_process_memory_fraction), the predicted largest batch and
 its neighbours are run until the measured largest batch under the cap is pinned down.
+Each group runs in its own process (``--in-process`` turns that off), as a training run would.
 Writes memory_sweep.json and memory_sweep.md (command, GPU, driver, versions, date) to --out.
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from loralab import allocator as LA
 from loralab import memory as M
 from loralab.environment import gpu_info  # noqa: E402
 from loralab.train import is_oom  # noqa: E402
@@ -132,15 +134,21 @@ def predicted(cfg, recipe, bs, seq) -> dict:
             "predicted_device_gib": bd.total / 2**30, "predicted_phase": bd.phase}
 
 
+def variant(name: str, args):
+    """The recipe as loralab runs it, or with its allocator replaced (--allocator)."""
+    r = M.recipe_variant(name)
+    return r.replace(allocator=args.allocator) if args.allocator else r
+
+
 def run_group(names, args, cfg, device, rows, cap_rows) -> None:
-    first = M.recipe_variant(names[0])
+    first = variant(names[0], args)
     log(f"loading base for {names} ({first.quantization}, {first.param_dtype}) ...")
     t0 = time.perf_counter()
     base = LM.load_base_model(args.folder, first, device)
     model = LM.add_lora(base, first)
     log(f"  loaded in {time.perf_counter() - t0:.0f} s; trainable {LM.trainable_parameters(model)[0]:,}")
     for name in names:
-        recipe = M.recipe_variant(name)
+        recipe = variant(name, args)
         if name != names[0]:
             switch(model, base, name, recipe)
         attn = base.config._attn_implementation
@@ -150,6 +158,7 @@ def run_group(names, args, cfg, device, rows, cap_rows) -> None:
         for bs in args.batch_sizes:
             r = measure(model, opt, bs, args.seq_len, cfg.vocab_size, args.steps, device)
             r.update({"recipe": name, "batch_size": bs, "seq_len": args.seq_len, "attn": attn, "checkpointing": ckpt,
+                      "allocator": recipe.allocator, "segments": LA.segment_modes(),
                       **predicted(cfg, recipe, bs, args.seq_len)})
             if r["status"] == "ok" and "reserved_gib" in r:
                 r["error_pct"] = 100 * (r["predicted_reserved_gib"] / r["reserved_gib"] - 1)
@@ -164,8 +173,30 @@ def run_group(names, args, cfg, device, rows, cap_rows) -> None:
     clean()
 
 
+def run_group_in_child(names, args) -> tuple[list, list]:
+    """One group in a fresh process: blocks the previous group's model left in the allocator (a bitsandbytes
+    int8 model keeps some alive after ``del``) would otherwise count in this group's reserved peaks. H200,
+    qlora bs 1 after the seed group in one process: 7.69 GiB reserved; in its own process: 6.39 GiB."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--in-process", "--out", tmp, "--model", args.model,
+               "--recipes", *names, "--batch-sizes", *map(str, args.batch_sizes), "--seq-len", str(args.seq_len),
+               "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--cap-tries", str(args.cap_tries)]
+        cmd += (["--allocator", args.allocator] if args.allocator else []) + (["--smoke"] if args.smoke else [])
+        rc = subprocess.call(cmd)
+        f = Path(tmp) / "memory_sweep.json"
+        if not f.exists():
+            raise RuntimeError(f"memory sweep of {names} exited with {rc} and wrote no result")
+        data = json.loads(f.read_text())
+    return data["rows"], data["cap"]
+
+
 def cap_search(model, opt, cfg, recipe, name, args, device) -> dict:
     """Measured largest batch under the allocator cap, starting at the predicted one."""
+    if args.smoke:  # a cap this recipe's batch 2 just fits under, so the search stays tiny
+        args.cap_gib = M.predict_peak(cfg, recipe, 2, args.seq_len).info["reserved_under_cap"] / 2**30 * 1.001
     p = M.largest_batch_that_fits(cfg, recipe, args.seq_len, args.cap_gib, allocator_cap=True)
     tried = {}
     set_cap(args.cap_gib)
@@ -194,21 +225,23 @@ def cap_search(model, opt, cfg, recipe, name, args, device) -> dict:
                 b -= 1
     finally:
         set_cap(None)
-    return {"recipe": name, "cap_gib": args.cap_gib, "predicted_largest": p, "measured_largest": measured,
+    return {"recipe": name, "allocator": recipe.allocator, "cap_gib": args.cap_gib, "predicted_largest": p, "measured_largest": measured,
             "match": measured == p, "tried": {str(k): v for k, v in sorted(tried.items())}}
 
 
 def markdown(result: dict) -> str:
     L = [f"# Memory sweep: predicted vs measured peak ({result['model']}, random weights)", "",
          f"- command: `{result['command']}`", f"- GPU: {result['gpu']}", f"- versions: {result['versions']}",
-         f"- CUDA caching allocator settings (PYTORCH_CUDA_ALLOC_CONF): {result.get('allocator_conf', 'default')}",
+         f"- CUDA caching allocator: the 'allocator' column, each recipe's Recipe.allocator (or --allocator), set by "
+         f"loralab.allocator.configure when the model loads ('caching': PyTorch's default; 'expandable': "
+         f"expandable_segments:True); PYTORCH_CUDA_ALLOC_CONF in the environment: {result.get('allocator_conf', 'default')}",
          f"- date: {result['date']}", f"- seq_len {result['seq_len']}, steps per measurement {result['steps']}",
          f"- constants: {result['constants']}", "",
-         "| recipe | bs | status | allocated GiB | reserved GiB | device GiB | predicted reserved GiB | error % | peak at |",
-         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+         "| recipe | allocator | bs | status | allocated GiB | reserved GiB | device GiB | predicted reserved GiB | error % | peak at |",
+         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
     for r in result["rows"]:
-        L.append(f"| {r['recipe']} | {r['batch_size']} | {r['status']} | {f(r.get('allocated_gib'))} | {f(r.get('reserved_gib'))} | "
+        L.append(f"| {r['recipe']} | {r.get('allocator', 'caching')} | {r['batch_size']} | {r['status']} | {f(r.get('allocated_gib'))} | {f(r.get('reserved_gib'))} | "
                  f"{f(r.get('device_gib'))} | {r['predicted_reserved_gib']:.2f} | {f(r.get('error_pct'))} | {r['predicted_phase']} |")
     if result["cap"]:
         L += ["", f"Largest batch under an allocator cap of {result['cap'][0]['cap_gib']} GiB:", "",
@@ -227,7 +260,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="training steps per measurement (2: AdamW states exist in the 2nd)")
     ap.add_argument("--cap-gib", type=float, default=40.0, help="allocator cap for the largest-batch check (0: skip)")
     ap.add_argument("--cap-tries", type=int, default=6)
+    ap.add_argument("--allocator", choices=["caching", "expandable"], default=None,
+                    help="run every recipe with this allocator instead of its own (Recipe.allocator)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, seq 64, bs 1 2: exercises the code paths")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every group in this process (default: one child process per group)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.seq_len, args.batch_sizes, args.steps, args.cap_tries = "tiny", 64, [1, 2], 1, 2
@@ -238,8 +275,6 @@ def main(argv=None) -> int:
     log(f"memory sweep: {args.model} on {device}, recipes {args.recipes}, bs {args.batch_sizes}, seq {args.seq_len}")
     args.folder = LM.materialize_preset(args.model, progress=log)
     cfg = M.preset_config(args.model)
-    if args.smoke:  # a cap the tiny model's batch 2 just fits under, so the search stays tiny
-        args.cap_gib = M.predict_peak(cfg, M.recipe_variant("seed"), 2, args.seq_len).reserved / 2**30 * 1.001
     rows, cap_rows = [], []
     t0 = time.perf_counter()
 
@@ -250,7 +285,7 @@ def main(argv=None) -> int:
             "gpu": gpu_info(), "versions": versions(),
             "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "default", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_OVERHEAD_FRACTION": M.ALLOCATOR_OVERHEAD_FRACTION,
-                          "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
+                          "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "EXPANDABLE_FIXED_GIB": M.EXPANDABLE_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
             "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),
         }
         (out / "memory_sweep.json").write_text(json.dumps(result, indent=1))
@@ -260,9 +295,15 @@ def main(argv=None) -> int:
     result = write()
     for group in GROUPS:
         names = [n for n in group if n in args.recipes]
-        if names:
+        if not names:
+            continue
+        if args.in_process:
             run_group(names, args, cfg, device, rows, cap_rows)
-            result = write()
+        else:
+            r, c = run_group_in_child(names, args)
+            rows += r
+            cap_rows += c
+        result = write()
     log(f"wrote {out / 'memory_sweep.json'} and memory_sweep.md in {result['seconds']} s")
     return 0
 

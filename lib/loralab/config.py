@@ -26,6 +26,7 @@ ATTENTION = ("eager", "sdpa")
 CHECKPOINTING = ("none", "full", "selective", "offload")
 CROSS_ENTROPY = ("hf", "chunked", "liger")
 SWITCH = ("off", "auto", "on")
+ALLOCATORS = ("caching", "expandable")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -81,6 +82,11 @@ class Recipe:
     module); "input": the fp32 adapter weights are cast to the input's dtype (bf16) instead."""
     doc_position_ids: bool = False
     """Packed rows: position ids restart at every BOS (per-document RoPE positions)."""
+    allocator: str = "caching"
+    """The CUDA caching allocator's segments (loralab.allocator): "caching" is PyTorch's default, what
+    llama-recipes ran under (whole segments cached and split; how much reserved memory sits unused
+    varies from run to run); "expandable" sets ``expandable_segments:True`` (segments grow in place by
+    pages, so reserved memory tracks allocated memory). Applied when the model is loaded."""
     packing: bool = True
     """True: llama-recipes packing (concatenate every prompt, cut into seq_len chunks, drop the tail);
     False: one dialogue per row, right-padded. A run may override it (RunConfig.packing)."""
@@ -95,6 +101,7 @@ class Recipe:
         _choice("liger", self.liger, SWITCH)
         _choice("compile", self.compile, SWITCH)
         _choice("lora_matmul_dtype", self.lora_matmul_dtype, ("adapter", "input"))
+        _choice("allocator", self.allocator, ALLOCATORS)
         if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
             raise ConfigError(f"checkpoint_layers={self.checkpoint_layers}: expected None or an integer >= 0")
         if self.ce_chunk_tokens < 1:
@@ -135,6 +142,7 @@ RECIPES: dict[str, Recipe] = {
         liger="auto",
         compile="auto",
         lora_matmul_dtype="input",
+        allocator="expandable",
     ),
     # The built-in default's recipe: what a *small* model needs to learn a task in minutes on a
     # CPU. A randomly initialised tiny base cannot be taught by the study's LoRA (r8 on q/v at
@@ -153,6 +161,7 @@ RECIPES: dict[str, Recipe] = {
         learning_rate=3e-3,
         prepare_for_kbit=False,
         packing=False,
+        allocator="expandable",
     ),
     # QLoRA: 4-bit NF4 base with double quantization, bf16 compute.
     "qlora": Recipe(
@@ -162,6 +171,7 @@ RECIPES: dict[str, Recipe] = {
         compute_dtype="bfloat16",
         gradient_checkpointing="full",
         attn_implementation="sdpa",
+        allocator="expandable",
     ),
 }
 

@@ -5,7 +5,12 @@ attached the adapters; ``forward_loss(model, batch, recipe)`` is the training lo
 What each lever does, and why it is faster (T = tokens in the step, H hidden, V vocab):
 
 * bf16 base, SDPA attention: ``param_dtype``, ``attn_implementation`` (from_pretrained does it).
-  With a packed batch and no padding, SDPA runs causal flash attention (no S x S matrix).
+  With a packed batch and no padding, SDPA runs a fused causal kernel (no S x S matrix): on torch
+  2.11 + Hopper that is cuDNN's (torch's own first choice there; 1.65x FlashAttention-2's speed at
+  the 7B shape, benchmarks/results/attention_kernels_H200_20261130-1231.md), else FlashAttention-2.
+* ``allocator = "expandable"`` (loralab.allocator): not a speed lever but a memory one: the
+  reserved peak follows the allocated one (fast at batch 3 under 40 GiB: 32.4 GiB reserved instead
+  of 40.0), so larger batches fit and the memory model's prediction holds.
 * ``lora_dropout = 0``: peft then uses ``nn.Identity`` instead of ``nn.Dropout``, so the LoRA
   path makes no dropped copy of its input (and no mask) per adapted module. Dropout on the
   adapter input is a regulariser, not part of the math being sped up; it is a quality knob
@@ -377,6 +382,21 @@ def configure_layers(model, *, compile: bool, checkpointing: str = "none", check
     return info
 
 
+# ------------------------------------------------------------------ attention kernel
+
+def sdpa_order() -> str:
+    """SDPA's backend priority in this process, e.g. "cudnn > flash > efficient > math" (torch 2.11 on an H200:
+    cuDNN's fused attention comes first, 1.65x FlashAttention-2's speed at the 7B shape,
+    benchmarks/results/attention_kernels_H200_20261130-1231.md)."""
+    get = getattr(torch._C, "_get_sdp_priority_order", None)
+    if get is None:
+        return "torch's default"
+    from torch.nn.attention import SDPBackend
+
+    names = {int(b): n.lower().replace("_attention", "") for n, b in SDPBackend.__members__.items()}
+    return " > ".join(names.get(int(b), str(b)) for b in get() if names.get(int(b)) not in ("overrideable", "error"))
+
+
 # ------------------------------------------------------------------ all levers
 
 def apply_levers(model, recipe, device: torch.device | None = None) -> dict[str, str]:
@@ -388,7 +408,7 @@ def apply_levers(model, recipe, device: torch.device | None = None) -> dict[str,
         device = next(model.parameters()).device
     lv: dict[str, str] = {}
     lv["base_dtype"] = recipe.param_dtype if recipe.quantization == "none" else f"{recipe.quantization} + {recipe.param_dtype}"
-    lv["attention"] = recipe.attn_implementation
+    lv["attention"] = recipe.attn_implementation + (f" (kernel order: {sdpa_order()})" if recipe.attn_implementation == "sdpa" else "")
     lv["lora_dropout"] = f"{recipe.lora_dropout}" + (" (no dropout copy)" if recipe.lora_dropout == 0 else "")
     if recipe.lora_matmul_dtype == "input":
         n = lora_in_input_dtype(model)
@@ -432,5 +452,6 @@ def apply_levers(model, recipe, device: torch.device | None = None) -> dict[str,
     else:
         lv["checkpointing"] = "full on all layers (HF, reentrant)"
     lv["doc_position_ids"] = "on" if recipe.doc_position_ids else "off"
+    lv["allocator"] = recipe.allocator + (" (expandable_segments)" if recipe.allocator == "expandable" else " (PyTorch default)")
     model.loralab_levers = lv
     return lv

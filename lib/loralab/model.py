@@ -203,6 +203,9 @@ def load_base_model(folder: Path, recipe: Recipe, device: torch.device):
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would fill the reports
 
+    from loralab import allocator
+
+    allocator.configure(recipe, device)  # before the weights reach the GPU
     qc = quantization_config(recipe)
     kwargs = dict(dtype=DTYPES[recipe.param_dtype], attn_implementation=recipe.attn_implementation)
     if qc is not None:
