@@ -108,7 +108,6 @@ def main(argv=None) -> int:
         for r in rows:
             if r["batch_size"] == b and r["layout"] == layout and base and r["status"] == "ok":
                 r["speedup_vs_" + backends[0]] = base["ms"] / r["ms"]
-    import importlib.metadata as md
     ver = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None}
     res = {"command": " ".join(["attention_kernels.py"] + (argv if argv is not None else sys.argv[1:])),
