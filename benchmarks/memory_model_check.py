@@ -71,7 +71,7 @@ def load_sweeps(specs: list) -> dict:
     Every row and cap search gets its "allocator": sweeps made before Recipe.allocator existed ran every recipe
     under PyTorch's default caching allocator (their header says so); later ones record it.
     """
-    specs = [parse_sweep(x) if isinstance(x, str) else (Path(x), None) if not isinstance(x, tuple) else x for x in specs]
+    specs = [x if isinstance(x, tuple) else parse_sweep(str(x)) for x in specs]
     merged, rows, caps, cmds, dates = None, [], [], [], []
     for path, names in specs:
         sw = json.loads(path.read_text())
@@ -141,12 +141,7 @@ def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, 
         "note": INDEPENDENT_NOTE if independent else CALIBRATION_NOTE,
         "measurement": {k: sweep[k] for k in ("command", "gpu", "versions", "date", "seq_len", "steps", "model")},
         "seed_sweep": ({k: seed.get(k) for k in ("command", "gpu", "versions", "date")} if seed else None),
-        "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB,
-                      "EXPANDABLE_FIXED_GIB": M.EXPANDABLE_FIXED_GIB,
-                      "EXPANDABLE_LOSS_FRACTION": M.EXPANDABLE_LOSS_FRACTION, "expandable_calibration": M.EXPANDABLE_CALIBRATION,
-                      "FRAG_LOSS_FRACTION": M.FRAG_LOSS_FRACTION, "FRAG_LAYER_FRACTION": M.FRAG_LAYER_FRACTION,
-                      "EAGER_EXTRA_SCORE_BUFFERS_CUDA": M.EAGER_EXTRA_SCORE_BUFFERS_CUDA,
-                      "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN, "calibration": M.CALIBRATION},
+        "constants": M.calibration_constants(),
         "tolerance_pct": TOL_PCT, "rows": rows, "seed_sweep_rows": seed_rows, "largest_batch_cap_gib": CAP_GIB,
         "largest_batch": largest,
         "summary": {"rows": len(rows), "within_tol": sum(r["pass"] for r in rows),

@@ -177,7 +177,6 @@ def run_group_in_child(names, args) -> tuple[list, list]:
     """One group in a fresh process: blocks the previous group's model left in the allocator (a bitsandbytes
     int8 model keeps some alive after ``del``) would otherwise count in this group's reserved peaks. H200,
     qlora bs 1 after the seed group in one process: 7.69 GiB reserved; in its own process: 6.39 GiB."""
-    import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -284,8 +283,7 @@ def main(argv=None) -> int:
             "model": args.model, "random_weights": True, "seq_len": args.seq_len, "steps": args.steps,
             "gpu": gpu_info(), "versions": versions(),
             "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "default", "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "constants": {"CUDA_CONTEXT_GIB": M.CUDA_CONTEXT_GIB, "ALLOCATOR_OVERHEAD_FRACTION": M.ALLOCATOR_OVERHEAD_FRACTION,
-                          "ALLOCATOR_FIXED_GIB": M.ALLOCATOR_FIXED_GIB, "EXPANDABLE_FIXED_GIB": M.EXPANDABLE_FIXED_GIB, "INT8_OUTLIER_COL_FRACTION_DOWN": M.INT8_OUTLIER_COL_FRACTION_DOWN},
+            "constants": M.calibration_constants(),
             "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),
         }
         (out / "memory_sweep.json").write_text(json.dumps(result, indent=1))

@@ -264,3 +264,30 @@ def test_selective_checkpointing_under_compile_recomputes_no_matmul():
 def test_fast_on_gpu_levers_on():
     m = build_lora_model(tiny(), get_recipe("fast"), "cuda")
     assert m.loralab_levers["compile"].startswith("on")
+
+
+def test_sdpa_order_reports_the_priority_in_force():
+    order = fast.sdpa_order()
+    assert set(order.split(" > ")) >= {"flash", "efficient", "math", "cudnn"}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], set_priority=True):
+        assert fast.sdpa_order().startswith("cudnn > math")
+    assert fast.sdpa_order() == order
+
+
+def test_attention_kernels_benchmark_smoke(tmp_path):
+    """benchmarks/attention_kernels.py: FLOP count pinned, both layouts measured, against the reference backend."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ak", Path(__file__).parents[1] / "benchmarks" / "attention_kernels.py")
+    ak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ak)
+    # causal: half of 4 b nh S^2 d forward, x 3.5 with the backward
+    assert ak.attention_flops(1, 32, 2048, 128) == 4 * 32 * 2048**2 * 128 / 2 * 3.5 == 120_259_084_288
+    assert ak.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention_kernels.json").read_text())["rows"]
+    assert {r["layout"] for r in rows} == {"bhsd", "bshd"} and all(r["status"] == "ok" for r in rows)
+    assert all(r["speedup_vs_math"] == 1.0 for r in rows)

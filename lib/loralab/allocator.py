@@ -4,8 +4,8 @@ PyTorch's default caching allocator reserves whole segments with cudaMalloc, spl
 keeps them cached. A training step frees and reallocates blocks of many sizes; a free block
 that is too small or on the wrong side of a live one stays reserved and unused. On the H200
 sweeps (benchmarks/results/memory_sweep_H200_20261130*) that gap grew to 10-25 % of the peak
-for the checkpointed recipes and was not the same from one run to the next (qlora, batch 1:
-7.69 and 6.82 GiB reserved for 5.98 and 6.01 GiB allocated).
+for the checkpointed recipes and was not the same from one run to the next (seed-sdpa, batch 16:
+49.10, 50.64 and 50.44 GiB reserved for the same 39.64 GiB allocated).
 
 ``expandable_segments:True`` (PyTorch >= 2.1; see torch.cuda memory management docs) maps
 physical pages into one growing virtual range per stream instead, so freed space is reused

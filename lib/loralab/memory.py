@@ -615,6 +615,16 @@ def predict_peak(
     return bd
 
 
+def calibration_constants() -> dict[str, Any]:
+    """The calibrated constants and where they come from, as the benchmarks record them beside a measurement."""
+    return {"CUDA_CONTEXT_GIB": CUDA_CONTEXT_GIB, "ALLOCATOR_FIXED_GIB": ALLOCATOR_FIXED_GIB,
+            "EXPANDABLE_FIXED_GIB": EXPANDABLE_FIXED_GIB, "EXPANDABLE_LOSS_FRACTION": EXPANDABLE_LOSS_FRACTION,
+            "expandable_calibration": EXPANDABLE_CALIBRATION,
+            "FRAG_LOSS_FRACTION": FRAG_LOSS_FRACTION, "FRAG_LAYER_FRACTION": FRAG_LAYER_FRACTION,
+            "EAGER_EXTRA_SCORE_BUFFERS_CUDA": EAGER_EXTRA_SCORE_BUFFERS_CUDA,
+            "INT8_OUTLIER_COL_FRACTION_DOWN": INT8_OUTLIER_COL_FRACTION_DOWN, "calibration": CALIBRATION}
+
+
 # --- largest batch and the finder ------------------------------------------------------------
 def largest_batch_that_fits(
     model_config,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
+from loralab import allocator
 from loralab.config import ConfigError, Recipe, RunConfig
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -202,8 +203,6 @@ def load_base_model(folder: Path, recipe: Recipe, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would fill the reports
-
-    from loralab import allocator
 
     allocator.configure(recipe, device)  # before the weights reach the GPU
     qc = quantization_config(recipe)

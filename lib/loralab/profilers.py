@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from loralab import allocator
 from loralab.config import ConfigError, Recipe
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ def build_lora_model(llama_config: Any, recipe: Recipe, device: str | torch.devi
     dtype = _DTYPES[recipe.param_dtype]
     if recipe.quantization == "int8" and dtype == torch.float32:
         dtype = torch.float16  # the study loaded fp16 then int8; prepare_for_kbit makes the rest fp32
-    from loralab import allocator
-
     allocator.configure(recipe, dev)  # before the weights reach the GPU
     torch.manual_seed(seed)
     with torch.device("meta"):
