@@ -8,6 +8,8 @@
 Every run writes a new folder outputs/<run-id>/ with each executed notebook (.ipynb and
 .html), index.html linking them, and summary.json. Bad input exits with code 2 and one
 line naming the input; no run folder is made.
+
+Each flag sets the RunConfig field of the same name (loralab/config.py documents them all).
 """
 
 from __future__ import annotations
@@ -15,18 +17,34 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loralab.config import ATTENTION, ConfigError, RECIPES
+from loralab.config import ATTENTION, RECIPES, USER_RECIPES, ConfigError, RunConfig
 
 
-def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def batch_sizes(values: list[str]) -> list[int] | str:
+    if values == ["auto"]:
+        return "auto"
+    out = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ConfigError(f"--batch-sizes {v!r}: expected integers >= 1 or 'auto'") from None
+        if out[-1] < 1:
+            raise ConfigError(f"--batch-sizes {v}: expected integers >= 1 or 'auto'")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", nargs="+", default=["1", "4", "7", "8"],
-                   help="per-step batch sizes to sweep, or 'auto' (largest that fits the card)")
-    p.add_argument("--model", default="tiny", help="preset (tiny, llama2-7b), HF folder, or Meta checkpoint folder")
+                   help="per-step batch sizes to sweep, or 'auto' (largest that fits the card; GPU only)")
+    p.add_argument("--model", default="tiny", help="preset (tiny, llama2-7b, llama2-13b), HF folder, or Meta checkpoint folder")
     p.add_argument("--tokenizer", default="", help="tokenizer.model file or tokenizer folder (default: the model's)")
-    p.add_argument("--data", default="builtin", help="'builtin', a SAMSum folder, or a .json/.jsonl/.csv file")
-    p.add_argument("--recipe", default="", help=f"one of {', '.join(RECIPES)} (default: demo for the tiny model, seed otherwise)")
+    p.add_argument("--data", default="builtin",
+                   help="'builtin', a SAMSum folder, a .json/.jsonl/.csv/.parquet file, or a saved dataset folder")
+    p.add_argument("--recipe", default="", help=f"one of {', '.join(USER_RECIPES)} (default: demo for the tiny model, "
+                   f"seed otherwise); variants: {', '.join(r for r in RECIPES if r not in USER_RECIPES)}")
     p.add_argument("--attn", default="", help=f"override the recipe's attention: {', '.join(ATTENTION)}")
     p.add_argument("--seq-len", type=int, default=2048, help="packed chunk length in tokens")
     pk = p.add_mutually_exclusive_group()
@@ -54,41 +72,23 @@ def parse_args(argv: list[str] | None = None):
                    help="an earlier run folder of the same model, recipe and sequence length on fewer GPUs: "
                         "the report adds a scaling plot and table (tokens/s, speed-up, efficiency per batch size)")
     p.add_argument("--out", default="outputs", help="parent folder of run folders")
-    p.add_argument("--run-id", default="", help="run folder name (default: timestamp-model-recipe); never reused")
-    return p.parse_args(argv)
+    p.add_argument("--run-id", default="", help="run folder name (default: time-model-recipe-suffix); never reused")
+    return p
 
 
-def to_sweep_args(ns):
-    from loralab.runner import SweepArgs, launch_args
-
-    if ns.batch_sizes == ["auto"]:
-        batch_sizes = "auto"
-    else:
-        batch_sizes = []
-        for b in ns.batch_sizes:
-            try:
-                batch_sizes.append(int(b))
-            except ValueError:
-                raise ConfigError(f"--batch-sizes {b!r}: expected integers >= 1 or 'auto'") from None
-            if batch_sizes[-1] < 1:
-                raise ConfigError(f"--batch-sizes {b}: expected integers >= 1 or 'auto'")
-    return SweepArgs(batch_sizes=batch_sizes, model=ns.model, tokenizer=ns.tokenizer, data=ns.data,
-                     recipe=ns.recipe, attn=ns.attn, seq_len=ns.seq_len, packing=ns.packing,
-                     epochs=ns.epochs, max_steps=ns.max_steps, gpu_memory_gib=ns.gpu_memory_gib,
-                     device=ns.device, seed=ns.seed, out=ns.out, run_id=ns.run_id,
-                     notebooks=ns.notebooks, eval_examples=ns.eval_examples,
-                     launch=launch_args(nproc=ns.nproc, strategy=ns.strategy, grad_accum=ns.grad_accum,
-                                         nnodes=ns.nnodes, node_rank=ns.node_rank, master_addr=ns.master_addr,
-                                         master_port=ns.master_port),
-                     scaling_reference=ns.scaling_reference)
+def config_from_args(argv: list[str] | None = None) -> RunConfig:
+    """The run's RunConfig from the command line: each flag is the RunConfig field of the same name."""
+    options = vars(parser().parse_args(argv))
+    options["batch_sizes"] = batch_sizes(options["batch_sizes"])
+    return RunConfig.from_options(**options)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(argv)
     try:
+        cfg = config_from_args(argv)
         from loralab.runner import run_sweep
 
-        run_sweep(to_sweep_args(ns))
+        run_sweep(cfg)
     except ConfigError as e:
         print(f"run_all.py: error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ import warnings
 from pathlib import Path
 
 from loralab import memory as M
+from loralab.autobatch import largest_batch_that_fits
+from loralab.config import Recipe, get_recipe
+from loralab.shape import preset_config
 
 RES = Path(__file__).parent / "results"
 SWEEP = RES / "memory_sweep_H200_20261130.json"
@@ -92,20 +95,20 @@ def load_sweeps(specs: list) -> dict:
     return merged
 
 
-def as_measured(name: str, allocator: str) -> "M.Recipe":
+def as_measured(name: str, allocator: str) -> "Recipe":
     """The recipe variant with the allocator it was measured under."""
-    return M.recipe_variant(name).replace(allocator=allocator)
+    return get_recipe(name).replace(allocator=allocator)
 
 
 def as_loralab_runs(name: str, allocator: str) -> bool:
-    return M.recipe_variant(name).allocator == allocator
+    return get_recipe(name).allocator == allocator
 
 
 def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, independent: bool = False) -> dict:
     warnings.filterwarnings("ignore")
     sweep = load_sweeps(sweep_path if isinstance(sweep_path, list) else [sweep_path])
     seed = json.loads(Path(seed_path).read_text()) if seed_path and Path(seed_path).exists() else None
-    cfg = M.preset_config(sweep["model"])
+    cfg = preset_config(sweep["model"])
     rows = []
     for r in sweep["rows"]:
         if r["status"] != "ok":
@@ -124,7 +127,7 @@ def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, 
         for r in seed["rows"]:
             if r["status"] != "ok":
                 continue
-            bd = M.predict_peak(cfg, M.recipe_variant("seed"), int(r["batch_size"]), 2048)
+            bd = M.predict_peak(cfg, get_recipe("seed"), int(r["batch_size"]), 2048)
             pr = bd.info["reserved_under_cap"] / M.GIB
             seed_rows.append({"source": "seed_sweep (40 GiB cap)", "recipe": "seed", "batch_size": int(r["batch_size"]),
                               "measured_reserved_gib": r["peak_reserved_gib"], "predicted_reserved_gib": pr,
@@ -133,7 +136,7 @@ def check(sweep_path: Path | list[Path] = SWEEP, seed_path: Path | None = SEED, 
     known = measured_largest(sweep, seed)
     largest = []
     for (name, alloc), (meas, note) in known.items():
-        p = M.largest_batch_that_fits(cfg, as_measured(name, alloc), sweep["seq_len"], CAP_GIB, allocator_cap=True)
+        p = largest_batch_that_fits(cfg, as_measured(name, alloc), sweep["seq_len"], CAP_GIB, allocator_cap=True)
         largest.append({"recipe": name, "allocator": alloc, "as_loralab_runs": as_loralab_runs(name, alloc),
                         "predicted": p, "measured": meas, "measured_note": note,
                         "match": (p == meas) if meas is not None else None})

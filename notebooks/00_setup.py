@@ -18,87 +18,64 @@
 # loralab converts to Hugging Face format here (transformers no longer ships a converter).
 
 # %% tags=["parameters"]
-model = "tiny"  # preset ("tiny", "llama2-7b"), HF folder, or Meta checkpoint folder
-tokenizer = ""  # tokenizer.model file or folder; "" = the model's own
-data = "builtin"
-recipe = "seed"
-attn = ""  # "" = the recipe's attention; "eager" or "sdpa"
-device = "auto"
-gpu_memory_gib = 0.0  # 0 = the whole card; 40 emulates the study's A100-40GB
-run_dir = ""  # where results go ("" = don't write)
+model = "tiny"  # preset (tiny, llama2-7b, llama2-13b), Hugging Face folder, or Meta checkpoint folder
+tokenizer = ""  # tokenizer.model file or folder; empty = the one in the model folder
+device = "auto"  # auto, cpu or cuda
+gpu_memory_gib = 0.0  # 0 = the whole card; 40 emulates the A100-40GB of the study
+run_dir = ""  # empty = a new folder under outputs/notebooks/
+config = {}  # run_all.py passes the configuration of the whole run here; it wins over the values above
 
 # %%
-import platform
-import sys
-
 import pandas as pd
 import torch
 
-from loralab import model as lm
-from loralab.report import banner, write_json
+from loralab.device import gpu_info, resolve_device, versions
+from loralab.model import resolve_model_folder
+from loralab.report import banner, notebook_config, notebook_run_dir, write_json
+from loralab.shape import ModelShape, model_config
 
-banner(model)
+cfg = notebook_config(config, model=model, tokenizer=tokenizer, device=device, gpu_memory_gib=gpu_memory_gib or None)
+out = notebook_run_dir(run_dir, "00_setup")
+banner(cfg)
 
 # %% [markdown]
 # ## Environment
 
 # %%
-import importlib.metadata as md
-
-def version(pkg):
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return "not installed"
-
-packages = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "nvitop",
-            "papermill", "jupytext", "plotly", "rouge-score", "sentencepiece"]
-env = {"python": sys.version.split()[0], "platform": platform.platform(), **{p: version(p) for p in packages}}
-dev = lm.resolve_device(device)
+env = versions()
+dev = resolve_device(cfg.device)
 if dev.type == "cuda":
-    props = torch.cuda.get_device_properties(dev)
     free, total = torch.cuda.mem_get_info(dev)
-    env.update({"gpu": props.name, "gpu_memory_gib": round(total / 2**30, 2),
-                "gpu_free_gib": round(free / 2**30, 2), "cuda": torch.version.cuda,
-                "compute_capability": f"{props.major}.{props.minor}"})
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    except Exception as exc:  # NVML missing: say so, don't fail the setup
-        env["driver"] = f"unknown ({type(exc).__name__})"
+    g = gpu_info()
+    env.update({"gpu": g["name"], "driver": g["driver"] or "unknown", "compute_capability": g["compute_capability"],
+                "gpu_memory_gib": round(total / 2**30, 2), "gpu_free_gib": round(free / 2**30, 2)})
+    env["memory_cap"] = f"{cfg.gpu_memory_gib:g} GiB cap (emulated card)" if cfg.gpu_memory_gib else "whole card"
 else:
-    env.update({"gpu": "none (CPU run)", "cpu_threads": torch.get_num_threads()})
-cap = f"{gpu_memory_gib:g} GiB cap (emulated card)" if gpu_memory_gib else "whole card"
-env["memory_cap"] = cap if dev.type == "cuda" else "n/a"
-pd.DataFrame(env.items(), columns=["item", "value"])
+    env.update({"gpu": "none (CPU run)", "cpu": gpu_info()["name"], "cpu_threads": torch.get_num_threads(),
+                "memory_cap": "n/a (no GPU)"})
+pd.DataFrame(env.items(), columns=["item", "value"]).style.hide(axis="index")
 
 # %% [markdown]
 # ## The model
 #
-# Presets are built once, saved as a Hugging Face folder, and from then on loaded through
+# Presets on disk are built once, saved as a Hugging Face folder, and from then on loaded through
 # `from_pretrained` exactly like real weights, so quantization is the real bitsandbytes path.
 # A Meta checkpoint (`params.json`, `consolidated.*.pth`, `tokenizer.model`) is converted once.
+# `llama2-13b` is built in memory by each training process and never written to disk.
 
 # %%
-from transformers import AutoConfig
-
-from loralab.memory import param_count
-
-folder = lm.resolve_model_folder(model)
-mcfg = AutoConfig.from_pretrained(folder)
-n_params = param_count(mcfg)  # loralab.memory: embeddings, LM head, layers, norms (GQA-aware)
-random_weights = lm.is_preset(model)
+folder = resolve_model_folder(cfg.model)
+shape = ModelShape.of(model_config(str(folder) if folder else cfg.model))
+n_params = shape.total_params()
 model_info = {
-    "source": model, "folder": str(folder), "random weights": random_weights,
-    "layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size, "intermediate": mcfg.intermediate_size,
-    "heads": mcfg.num_attention_heads, "kv heads": mcfg.num_key_value_heads, "vocab": mcfg.vocab_size,
-    "parameters": f"{n_params:,} ({n_params / 1e9:.2f} B)",
+    "source": cfg.model, "folder": str(folder) if folder else "– (built in memory by each process)",
+    "random weights": "yes: memory, time and FLOPs are real; loss and summaries are not" if cfg.random_weights else "no",
+    "layers": shape.L, "hidden": shape.H, "intermediate": shape.I, "heads": shape.nh, "kv heads": shape.nkv,
+    "vocab": shape.V, "parameters": f"{n_params:,} ({n_params / 1e9:.2f} B)",
 }
-pd.DataFrame(model_info.items(), columns=["item", "value"])
+pd.DataFrame(model_info.items(), columns=["item", "value"]).style.hide(axis="index")
 
 # %%
-if run_dir:
-    write_json(run_dir, "results/setup.json", {"environment": env, "model_folder": str(folder),
-                                               "random_weights": random_weights, "parameters": n_params})
-print(f"model ready: {folder}")
+write_json(out, "results/setup.json", {"environment": env, "model_folder": str(folder) if folder else None,
+                                       "random_weights": cfg.random_weights, "parameters": n_params})
+print(f"model ready: {folder or cfg.model}")

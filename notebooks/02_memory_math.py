@@ -23,27 +23,37 @@
 # against the card's capacity; (4) the predicted largest batch for 24, 40, 80 and 141 GiB cards.
 
 # %% tags=["parameters"]
-model = "llama2-7b"  # preset name (shape only; no weights are read)
-recipe = "seed"  # seed | fast | qlora | seed-sdpa | lora-bf16 | lora-bf16-ckpt
+model = "llama2-7b"  # preset, Hugging Face folder or Meta checkpoint folder (shape only; no weights are read)
+recipe = "seed"  # seed | fast | qlora | demo, or a variant: seed-sdpa | lora-bf16 | lora-bf16-ckpt | hf-peft ...
 seq_len = 2048  # tokens per packed chunk (the study: 2048)
 batch_sizes = [1, 2, 4, 7, 8, 16]  # batch sizes to predict
-capacity_gib = 40  # the card to compare against (the study's A100: 40)
+gpu_memory_gib = 40.0  # the card to compare against (the A100 of the study: 40)
+config = {}  # run_all.py passes the configuration of the whole run here; it wins over the values above
 
 # %%
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 
 from loralab import memory as M
+from loralab import study
+from loralab.autobatch import largest_batch_that_fits
+from loralab.config import get_recipe
+from loralab.report import banner, notebook_config, setup_plotly
+from loralab.shape import ModelShape, model_config
 
-pio.renderers.default = "notebook"  # offline HTML, survives papermill and nbconvert
-cfg = M.preset_config(model)
-rec = M.recipe_variant(recipe)
+setup_plotly()
+cfg = notebook_config(config, model=model, recipe=recipe, seq_len=seq_len, batch_sizes=batch_sizes,
+                      gpu_memory_gib=gpu_memory_gib or None)
+banner(cfg)
+mcfg = model_config(cfg.model)
+shape = ModelShape.of(mcfg)
+rec = cfg.recipe
+capacity_gib = cfg.gpu_memory_gib or 40.0
+shown = cfg.batch_sizes if cfg.batch_sizes != "auto" else [1, 2, 4, 8, 16]
 GIB = M.GIB
-print({"model": model, "recipe": rec.name, "seq_len": seq_len, "batch_sizes": batch_sizes, "capacity_gib": capacity_gib})
-print(f"params: {M.param_count(cfg):,}; LoRA params: {M.lora_param_count(cfg, rec):,} "
-      f"({100 * M.lora_param_count(cfg, rec) / M.param_count(cfg):.3f} %)")
-print("recipe:", {k: v for k, v in rec.__dict__.items()})
+print({"model": cfg.model, "recipe": rec.name, "seq_len": cfg.seq_len, "batch_sizes": shown, "capacity_gib": capacity_gib})
+print(f"params: {shape.total_params():,}; LoRA params: {shape.lora_params(rec):,} "
+      f"({100 * shape.lora_params(rec) / shape.total_params():.3f} %)")
 
 # %% [markdown]
 # ## 1. Full fine-tuning in fp16: where the study's "about 84 GB" comes from (Figure 1)
@@ -54,12 +64,13 @@ print("recipe:", {k: v for k, v in rec.__dict__.items()})
 # Micikevicius et al. 2018), and activations come on top of all of these.
 
 # %%
-f = M.full_finetune_fp16(cfg)
+f = study.full_finetune_fp16(mcfg)
 print("study:", f["study_formula"])
 rows = [{"term": k, "bytes/param": b / f["params"], "GB": b / 1e9, "source": s} for k, (b, s) in f["terms"].items()]
 rows.append({"term": "total (12 B/param)", "bytes/param": 12, "GB": f["total_12B_gb"], "source": f"{f['params']:,} params"})
 rows.append({"term": "with fp32 master weights (16 B/param)", "bytes/param": 16, "GB": f["with_fp32_master_gb"], "source": "mixed precision as trained in practice"})
-pd.DataFrame(rows).style.format({"GB": "{:.1f} GB", "bytes/param": "{:.0f} B"})
+pd.DataFrame(rows).rename(columns={"GB": "GB", "bytes/param": "bytes per parameter"}).style.format(
+    {"GB": "{:.1f}", "bytes per parameter": "{:.0f}"}).hide(axis="index")
 
 # %%
 fig = go.Figure(go.Bar(x=[r["term"] for r in rows[:3]], y=[r["GB"] for r in rows[:3]], text=[f"{r['GB']:.1f} GB" for r in rows[:3]]))
@@ -78,8 +89,9 @@ fig.show()
 # `prepare_model_for_kbit_training` casts to fp32 (1.05 GB).
 
 # %%
-t1 = pd.DataFrame(M.study_table1(cfg, M.recipe_variant("seed"), seq_len))
-t1.style.format({"study_GB": "{:.4f} GB", "loralab_GB": "{:.4f} GB"})
+t1 = pd.DataFrame(study.table1(mcfg, get_recipe("seed"), cfg.seq_len))
+t1.columns = ["term", "study (GB)", "loralab (GB)", "note"]
+t1.style.format({"study (GB)": "{:.4f}", "loralab (GB)": "{:.4f}"}).hide(axis="index")
 
 # %% [markdown]
 # ## 3. Predicted peak per batch size
@@ -90,24 +102,26 @@ t1.style.format({"study_GB": "{:.4f} GB", "loralab_GB": "{:.4f} GB"})
 # every term: `loralab/memory.py`; the table below the chart gives them for the largest batch shown.
 
 # %%
-bds = {b: M.predict_peak(cfg, rec, b, seq_len) for b in batch_sizes}
+bds = {b: M.predict_peak(mcfg, rec, b, cfg.seq_len) for b in shown}
 terms = list(next(iter(bds.values())).terms)
 for bd in bds.values():
     terms += [t for t in bd.terms if t not in terms]
 fig = go.Figure()
 for t in terms:
-    fig.add_bar(name=t, x=[str(b) for b in batch_sizes], y=[bds[b].terms.get(t, 0) / GIB for b in batch_sizes])
+    fig.add_bar(name=t, x=[str(b) for b in shown], y=[bds[b].terms.get(t, 0) / GIB for b in shown])
 fig.add_hline(y=capacity_gib, line_dash="dash", line_color="red", annotation_text=f"{capacity_gib} GiB card")
-fig.update_layout(barmode="stack", title=f"Predicted peak memory, {model} {rec.name}, {seq_len} tokens (GiB)",
+fig.update_layout(barmode="stack", title=f"Predicted peak memory, {cfg.model} {rec.name}, {cfg.seq_len} tokens (GiB)",
                   xaxis_title="batch size", yaxis_title="GiB")
 fig.show()
 
-summary = pd.DataFrame([{"batch size": b, "predicted device GiB": bd.total / GIB, "predicted reserved GiB": bd.reserved / GIB,
-                         "fits": bd.total <= capacity_gib * GIB, "peak at": bd.phase} for b, bd in bds.items()])
-summary.style.format({"predicted device GiB": "{:.2f} GiB", "predicted reserved GiB": "{:.2f} GiB"})
+summary = pd.DataFrame([{"batch size": b, "predicted device used (GiB)": bd.total / GIB,
+                         "predicted reserved (GiB)": bd.reserved / GIB,
+                         f"fits a {capacity_gib:g} GiB card": "yes" if bd.total <= capacity_gib * GIB else "no",
+                         "peak at": bd.phase} for b, bd in bds.items()])
+summary.style.format({"predicted device used (GiB)": "{:.2f}", "predicted reserved (GiB)": "{:.2f}"}).hide(axis="index")
 
 # %%
-pd.DataFrame(bds[max(batch_sizes)].to_gib()).style.format({"GiB": "{:.3f} GiB"})
+pd.DataFrame(bds[max(shown)].to_gib()).rename(columns={"GiB": "GiB"}).style.format({"GiB": "{:.3f}"}).hide(axis="index")
 
 # %% [markdown]
 # ## 4. Predicted largest batch per card
@@ -117,16 +131,16 @@ pd.DataFrame(bds[max(batch_sizes)].to_gib()).style.format({"GiB": "{:.3f} GiB"})
 # PyTorch reserves.
 
 # %%
-recipes = ["seed", "seed-sdpa", "qlora", "lora-bf16-ckpt", "lora-bf16"]
+recipes = ["seed", "seed-sdpa", "qlora", "lora-bf16-ckpt", "lora-bf16", "fast"]
 rows = []
 for name in recipes:
-    r = M.recipe_variant(name)
+    r = get_recipe(name)
     row = {"recipe": name, "allocator": r.allocator}
     for cap in (24, 40, 80, 141):
-        row[f"{cap} GiB card"] = M.largest_batch_that_fits(cfg, r, seq_len, cap)
-    row["40 GiB cap"] = M.largest_batch_that_fits(cfg, r, seq_len, 40, allocator_cap=True)
+        row[f"{cap} GiB card"] = largest_batch_that_fits(mcfg, r, cfg.seq_len, cap)
+    row["40 GiB cap"] = largest_batch_that_fits(mcfg, r, cfg.seq_len, 40, allocator_cap=True)
     rows.append(row)
-pd.DataFrame(rows).set_index("recipe")
+pd.DataFrame(rows).style.hide(axis="index")
 
 # %% [markdown]
 # Calibration constants used (documented in `loralab/memory.py`). What PyTorch reserves beyond what it
@@ -162,6 +176,8 @@ print(f"eager softmax backward on CUDA: {M.EAGER_EXTRA_SCORE_BUFFERS_CUDA} extra
 import json
 from pathlib import Path
 
+from IPython.display import display
+
 _check = None
 for _base in (Path.cwd(), *Path.cwd().parents):
     _f = _base / "benchmarks" / "results" / "memory_model_check_H200_20261130-loralab.json"
@@ -182,6 +198,6 @@ else:
                                        "pass", "measured_allocated_gib", "predicted_allocated_gib", "allocated_error_pct"]]
     _t.columns = ["recipe", "allocator", "bs", "measured reserved GiB", "predicted reserved GiB", "error %", "within 5 %",
                   "measured allocated GiB", "predicted allocated GiB", "allocated error %"]
-    display(_t.round(2))  # noqa: F821
-    display(pd.DataFrame(_check["largest_batch"]).rename(columns={"predicted": "predicted largest bs",  # noqa: F821
-                                                                  "measured_note": "measured"})[["recipe", "allocator", "predicted largest bs", "measured", "match"]])
+    display(_t.round(2).style.hide(axis="index"))
+    display(pd.DataFrame(_check["largest_batch"]).rename(columns={"predicted": "predicted largest bs",
+                                                                  "measured_note": "measured"})[["recipe", "allocator", "predicted largest bs", "measured", "match"]].style.hide(axis="index"))

@@ -30,13 +30,13 @@
 # the weights' values.
 
 # %% tags=["parameters"]
-model = "tiny"
-recipe = "seed"
-attn = ""  # "" = the recipe's attention
-batch_size = 1
-seq_len = 2048
-device = "auto"
-run_dir = ""  # a training run folder whose steps.jsonl gives measured step times; "" = time a few steps here
+model = "tiny"  # preset, Hugging Face folder or Meta checkpoint folder (its shape, random weights)
+recipe = ""  # empty = the default for the model: demo for the tiny model, seed otherwise
+batch_size = 1  # sequences per step
+seq_len = 2048  # tokens per sequence
+device = "auto"  # auto, cpu or cuda
+run_dir = ""  # a run folder whose bs<N>/steps.jsonl gives measured step times; empty = time a few steps here
+config = {}  # run_all.py passes the configuration of the whole run here; it wins over the values above
 
 # %%
 import json
@@ -51,34 +51,33 @@ from plotly.subplots import make_subplots
 from loralab import flops as F
 from loralab import profilers as P
 from loralab import study
-from loralab.config import get_recipe
+from loralab.device import resolve_device
 from loralab.gpu_monitor import GpuMonitor
-from loralab.model import is_preset, preset_config
-from loralab.report import banner, read_json, setup_plotly, write_json
+from loralab.model import build_random_model
+from loralab.report import banner, notebook_config, notebook_run_dir, setup_plotly, write_json
+from loralab.shape import ModelShape, model_config
+from loralab.train import TrainResult
 
 setup_plotly()
-banner(model)
-rec = get_recipe(recipe)
-if attn:
-    rec = rec.replace(attn_implementation=attn)
-if is_preset(model):
-    config = preset_config(model)
-else:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig.from_pretrained(model)  # a local folder: only its shape is used
-dev = P.resolve_device(device)
-shape = F.ModelShape.from_config(config)
-print(f"model {model}: {shape.n_layers} layers, hidden {shape.hidden}, vocab {shape.vocab}, "
-      f"{shape.n_params() / 1e9:.3f} B parameters (random weights)")
+cfg = notebook_config(config, model=model, recipe=recipe, batch_sizes=[batch_size], seq_len=seq_len,
+                      device=device).at_batch(batch_size)
+out = notebook_run_dir(run_dir, "04_profiling")
+banner(cfg)
+rec = cfg.recipe
+seq_len = cfg.seq_len
+mcfg = model_config(cfg.model)
+dev = resolve_device(cfg.device)
+shape = ModelShape.of(mcfg)
+print(f"model {cfg.model}: {shape.L} layers, hidden {shape.H}, vocab {shape.V}, "
+      f"{shape.total_params() / 1e9:.3f} B parameters (random weights here: FLOPs and time do not depend on them)")
 print(f"recipe {rec.name}: quantization {rec.quantization}, params {rec.param_dtype}, autocast {rec.autocast}, "
       f"checkpointing {rec.gradient_checkpointing}, attention {rec.attn_implementation}, LoRA r{rec.lora_r} on "
       f"{', '.join(rec.lora_targets)}")
 # A run that trained one dialogue per row (not packed) saw rows far shorter than seq_len:
 # count its FLOPs at the mean row length it actually trained on (notebook 03's result).
-_tr = read_json(run_dir, f"bs{batch_size}/train_result.json") if run_dir else None
-if _tr and _tr.get("tokens_per_step") and _tr["tokens_per_step"] < 0.95 * batch_size * seq_len:
-    mean_len = max(1, round(_tr["tokens_per_step"] / batch_size))
+trained = TrainResult.load(out / f"bs{batch_size}")
+if trained and trained.tokens_per_step and trained.tokens_per_step < 0.95 * batch_size * seq_len:
+    mean_len = max(1, round(trained.tokens_per_step / batch_size))
     print(f"rows are single dialogues (not packed): FLOPs at their mean length, {mean_len} tokens, not seq_len {seq_len}")
     seq_len = mean_len
 print(f"batch size {batch_size} x seq {seq_len} = {batch_size * seq_len:,} tokens per step, device {dev}")
@@ -94,8 +93,8 @@ print(f"batch size {batch_size} x seq {seq_len} = {batch_size * seq_len:,} token
 # loss) is not counted: about 0.1 % at 7B, and no profiler below counts it as matmul either.
 
 # %%
-a = F.recipe_step_flops(config, rec, batch_size, seq_len)
-a_causal = F.recipe_step_flops(config, rec, batch_size, seq_len, causal_attention_discount=True)
+a = F.recipe_step_flops(mcfg, rec, batch_size, seq_len)
+a_causal = F.recipe_step_flops(mcfg, rec, batch_size, seq_len, causal_attention_discount=True)
 parts = [("frozen weights: forward", a.frozen_fwd), ("frozen weights: input grad", a.frozen_bwd),
          ("LoRA: forward", a.lora_fwd), ("LoRA: weight + input grads", a.lora_bwd),
          ("attention: forward", a.attn_fwd), ("attention: backward", a.attn_bwd),
@@ -107,7 +106,7 @@ parts = [("frozen weights: forward", a.frozen_fwd), ("frozen weights: input grad
 table = pd.DataFrame(parts, columns=["part", "FLOPs"])
 table["GFLOP"] = table["FLOPs"] / 1e9
 table["% of model FLOPs"] = 100 * table["FLOPs"] / a.model_flops
-display(table.style.format({"FLOPs": "{:,.0f}", "GFLOP": "{:,.3f}", "% of model FLOPs": "{:.1f} %"}))
+display(table.style.format({"FLOPs": "{:,.0f}", "GFLOP": "{:,.3f}", "% of model FLOPs": "{:.1f}"}).hide(axis="index"))
 print(f"MACs per step: {a.macs / 1e9:,.3f} GMAC (= model FLOPs / 2)")
 print(f"attention counted causally (FlashAttention's convention) would give {a_causal.model_flops / 1e9:,.3f} GFLOP "
       f"model FLOPs ({100 * (1 - a_causal.model_flops / a.model_flops):.1f} % less); loralab uses the full matrix "
@@ -122,13 +121,13 @@ print(f"attention counted causally (FlashAttention's convention) would give {a_c
 # elementwise ops) and reports a training step as 3 x forward.
 
 # %%
-net = P.build_lora_model(config, rec, dev)
-ids = P.random_batch(config.vocab_size, batch_size, seq_len, dev)
-counted = P.count_step_flops(net, ids, rec)
-ds = P.deepspeed_profile(net, ids)
+net = build_random_model(mcfg, rec, dev)
+batch = P.random_batch(mcfg.vocab_size, batch_size, seq_len, dev)
+counted = P.count_step_flops(net, batch, rec)
+ds = P.deepspeed_profile(net, batch)
 assert net.training, "the profiler must leave the model in train mode"
-by_op = pd.Series(counted["by_op"], name="FLOPs").sort_values(ascending=False)
-display(by_op.to_frame().style.format("{:,.0f}"))
+by_op = pd.Series(counted["by_op"], name="FLOPs").sort_values(ascending=False).rename_axis("aten op").reset_index()
+display(by_op.style.format({"FLOPs": "{:,.0f}"}).hide(axis="index"))
 cmp = pd.DataFrame([
     ("analytic: model FLOPs", a.model_flops, "what the step needs"),
     ("analytic: hardware FLOPs", a.hardware_flops, "+ recompute"),
@@ -136,10 +135,10 @@ cmp = pd.DataFrame([
     ("DeepSpeed: forward", ds["forward_flops"], "one forward, incl. some elementwise ops"),
     ("DeepSpeed: step = 3 x forward", ds["step_flops_ds_convention"], ds["convention"]),
 ], columns=["source", "FLOPs per step", "convention"])
-cmp["GFLOP"] = cmp["FLOPs per step"].astype(float) / 1e9
-cmp["vs analytic hardware"] = cmp["FLOPs per step"].astype(float) / a.hardware_flops
-display(cmp[["source", "GFLOP", "vs analytic hardware", "convention"]].style.format(
-    {"GFLOP": "{:,.3f}", "vs analytic hardware": "{:.3f}x"}, na_rep="-"))
+cmp["GFLOP per step"] = cmp["FLOPs per step"].astype(float) / 1e9
+cmp["vs analytic hardware (x)"] = cmp["FLOPs per step"].astype(float) / a.hardware_flops
+display(cmp[["source", "GFLOP per step", "vs analytic hardware (x)", "convention"]].style.format(
+    {"GFLOP per step": "{:,.3f}", "vs analytic hardware (x)": "{:.3f}"}, na_rep="– (not run)").hide(axis="index"))
 if ds["available"]:
     print(f"DeepSpeed: {ds['forward_macs'] / 1e9:,.3f} GMAC forward, {ds['params']:,} parameters")
 else:
@@ -160,12 +159,9 @@ if rec.quantization != "none":
 # dtype the recipe chose. A matmul measured here gives the peak reachable in practice.
 
 # %%
-steps_file = None
-if run_dir:
-    for cand in (Path(run_dir) / f"bs{batch_size}" / "steps.jsonl", Path(run_dir) / "steps.jsonl"):
-        if cand.exists() and cand.stat().st_size:
-            steps_file = cand
-            break
+steps_file = out / f"bs{batch_size}" / "steps.jsonl"
+if not (steps_file.exists() and steps_file.stat().st_size):
+    steps_file = None
 with GpuMonitor(interval_s=0.2) as monitor:
     if steps_file is not None:
         st = pd.read_json(steps_file, lines=True)
@@ -173,13 +169,13 @@ with GpuMonitor(interval_s=0.2) as monitor:
         source = f"measured in training ({steps_file}, {len(step_times)} steps)"
     else:
         n, w = (3, 1) if dev.type == "cuda" else (1, 0)  # CPU: one step keeps the notebook under a minute
-        step_times = P.time_steps(net, ids, n_steps=n, warmup=w, recipe=rec)
+        step_times = P.time_steps(net, batch, n_steps=n, warmup=w, recipe=rec)
         source = f"timed here ({n} step(s) after {w} warm-up, AdamW step included)"
 step_time_s = sorted(step_times)[len(step_times) // 2]
 peak_measured = P.measure_matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
 peak_sheet = F.device_peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
 peak = peak_sheet or peak_measured
-m = F.sweep_metrics(config, rec, batch_size, seq_len, step_time_s, peak)
+m = F.sweep_metrics(mcfg, rec, batch_size, seq_len, step_time_s, peak)
 print(f"step time {step_time_s:.3f} s (median; {source}); {batch_size * seq_len / step_time_s:,.0f} tok/s")
 print(f"achieved {m['tflops_per_s']:.3f} TFLOP/s (model FLOPs), {m['hardware_flops_per_step'] / step_time_s / 1e12:.3f} TFLOP/s (hardware)")
 print(f"peak: data sheet {peak_sheet if peak_sheet else '-'} TFLOP/s bf16 dense; measured matmul "
@@ -246,25 +242,24 @@ else:
 bss = [1, 2, 4, 7, 8]
 rows = []
 for b in bss:
-    f = F.recipe_step_flops(config, rec, b, seq_len)
+    f = F.recipe_step_flops(mcfg, rec, b, seq_len)
     rows.append({"batch size": b, "model TFLOPs": f.model_flops / 1e12, "hardware TFLOPs": f.hardware_flops / 1e12,
                  "TMACs": f.macs / 1e12, "DeepSpeed-convention TFLOPs (3 x fwd)": 3 * f.forward / 1e12})
 per_bs = pd.DataFrame(rows)
 slope, icpt, r2 = F.linear_fit_r2(per_bs["batch size"].tolist(), per_bs["model TFLOPs"].tolist())
-display(per_bs.style.format(precision=4))
+display(per_bs.style.format(precision=4).hide(axis="index"))
 print(f"model FLOPs per step = {slope:.4f} TFLOPs x batch size + {icpt:.1e} (R^2 = {r2:.6f})")
 fig = go.Figure()
 for col in ("model TFLOPs", "hardware TFLOPs", "DeepSpeed-convention TFLOPs (3 x fwd)", "TMACs"):
     fig.add_trace(go.Scatter(x=per_bs["batch size"], y=per_bs[col], mode="lines+markers", name=col))
-fig.update_layout(title=f"FLOPs and MACs per step vs batch size ({model}, {rec.name}, seq {seq_len})",
+fig.update_layout(title=f"FLOPs and MACs per step vs batch size ({cfg.model}, {rec.name}, seq {seq_len})",
                   xaxis_title="batch size", yaxis_title="per step (TFLOPs / TMACs)")
 fig.show()
 
 # %%
-result = {"model": model, "recipe": rec.name, "batch_size": batch_size, "seq_len": seq_len, "device": str(dev),
+result = {"model": cfg.model, "recipe": rec.name, "batch_size": batch_size, "seq_len": seq_len, "device": str(dev),
           "analytic": a.as_dict(), "flop_counter": {k: v for k, v in counted.items() if k != "by_op"},
           "deepspeed": ds, "step_time_s": step_time_s, "step_time_source": source,
           "peak_measured_tflops": peak_measured, "peak_sheet_tflops": peak_sheet, **m, "monitor": summ}
-if run_dir:
-    print("wrote", write_json(run_dir, f"bs{batch_size}/profile.json", result))
+print("wrote", write_json(out, f"bs{batch_size}/profile.json", result))
 print(json.dumps({k: result[k] for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu", "hfu")}, indent=1))

@@ -17,12 +17,8 @@
 # published ones, and the memory model's prediction beside each measurement.
 
 # %% tags=["parameters"]
-run_dir = ""  # the run folder written by run_all.py
-batch_sizes = [1, 4, 7, 8]
-model = "tiny"
-recipe = "seed"
-gpu_memory_gib = 0.0
-scaling_reference = ""  # an earlier run folder of the same model and recipe on fewer GPUs (run_all --scaling-reference)
+run_dir = ""  # a run folder written by run_all.py; empty = the newest one under outputs/
+config = {}  # run_all.py passes the configuration of the whole run here; empty = the run folders run_config.json
 
 # %%
 import json
@@ -33,14 +29,22 @@ import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
 from loralab import study
-from loralab.report import banner, read_json, setup_plotly
+from loralab.config import RunConfig
+from loralab.report import banner, latest_run, read_json, setup_plotly, table
+from loralab.train import TrainResult
 
 setup_plotly()
-banner(model)
-run = Path(run_dir)
-results = {bs: read_json(run, f"bs{bs}/train_result.json") for bs in batch_sizes}
+run = Path(run_dir) if run_dir else latest_run()
+if run is None:
+    display(Markdown("> **No run yet.** Run `python run_all.py` (or notebook 03) first; this report reads its folder."))
+cfg = RunConfig.from_dict(config) if config else (RunConfig.load(run / "run_config.json") if run else RunConfig())
+banner(cfg)
+print(f"run folder: {run}")
+batch_sizes = cfg.batch_sizes if run and cfg.batch_sizes != "auto" else []
+recipe, gpu_memory_gib, scaling_reference = cfg.recipe.name, cfg.gpu_memory_gib, cfg.scaling_reference
+results = {bs: (r.to_dict() if (r := TrainResult.load(run / f"bs{bs}")) else None) for bs in batch_sizes}
 profiles = {bs: read_json(run, f"bs{bs}/profile.json") for bs in batch_sizes}
-setup = read_json(run, "results/setup.json") or {}
+setup = (read_json(run, "results/setup.json") if run else None) or {}
 env = setup.get("environment", {})
 card = gpu_memory_gib or env.get("gpu_memory_gib")
 gpu = env.get("gpu", "unknown")
@@ -53,7 +57,7 @@ def val(bs, key):
 
 def status(bs):
     r = results.get(bs)
-    return "no result (notebook failed)" if r is None else r["status"]
+    return "– (its training notebook failed or did not run)" if r is None else r["status"]
 
 
 # %% [markdown]
@@ -68,7 +72,7 @@ if ok:
     best = max(ok, key=lambda b: val(b, "tokens_per_s") or 0)
     lines.append(f"- **Fastest:** batch size {best} at {val(best, 'tokens_per_s'):,.0f} tok/s; "
                  f"epoch {val(best, 'epoch_time_s'):,.0f} s ({val(best, 'epoch_time_kind')})")
-auto = read_json(run, "results/autobatch.json")
+auto = read_json(run, "results/autobatch.json") if run else None
 if auto:
     lines.append(f"- **Batch size chosen automatically:** {auto['chosen']} — predicted {auto['predicted_gib']:.2f} GiB, "
                  f"measured {auto['measured_gib']:.2f} GiB, headroom {auto['headroom_gib']:.2f} GiB of "
@@ -89,19 +93,19 @@ for bs in batch_sizes:
     used = val(bs, "peak_device_used_gib")
     pred = val(bs, "predicted_peak_gib")
     reserved = val(bs, "peak_reserved_gib")
-    s = study.PEAK_MEMORY_GIB.get(bs, "-")
+    s = study.PEAK_MEMORY_GIB.get(bs, "–")
     rows.append({
         "batch size": bs, "status": status(bs), "steps per epoch": val(bs, "steps_per_epoch"),
-        "total (card) GiB": card,
-        "allocated GiB": val(bs, "peak_allocated_gib"), "reserved GiB": reserved, "device used GiB": used,
-        "free GiB": None if (used is None or not card) else round(card - used, 2),
-        "predicted reserved GiB": pred,
-        "prediction error %": None if not (pred and reserved) else round(100 * (pred - reserved) / reserved, 1),
-        "study used GiB": "OOM" if s is None else s,
-        "study steps/epoch": study.STEPS_PER_EPOCH.get(bs, "-"),
+        "card (GiB)": card if card else "– (CPU run)",
+        "allocated (GiB)": val(bs, "peak_allocated_gib"), "reserved (GiB)": reserved, "device used (GiB)": used,
+        "free (GiB)": None if (used is None or not card) else card - used,
+        "predicted reserved (GiB)": pred,
+        "prediction error (%)": None if not (pred and reserved) else 100 * (pred - reserved) / reserved,
+        "study used (GiB)": "out of memory" if s is None else s,
+        "study steps per epoch": study.STEPS_PER_EPOCH.get(bs, "–"),
     })
 table3 = pd.DataFrame(rows)
-table3.round(2)
+table(table3)
 
 # %% [markdown]
 # ## Table 4: epoch time
@@ -111,12 +115,12 @@ table3.round(2)
 
 # %%
 table4 = pd.DataFrame([{
-    "batch size": bs, "status": status(bs), "tokens/s": val(bs, "tokens_per_s"), "step time s": val(bs, "step_time_s"),
-    "epoch time s": val(bs, "epoch_time_s"), "how": val(bs, "epoch_time_kind"),
-    "study epoch time s": study.EPOCH_TIME_S.get(bs, "-"),
-    "study tokens/s": round(study.TOKENS_PER_S[bs]) if bs in study.TOKENS_PER_S else "-",
+    "batch size": bs, "status": status(bs), "throughput (tok/s)": val(bs, "tokens_per_s"), "step time (s)": val(bs, "step_time_s"),
+    "epoch time (s)": val(bs, "epoch_time_s"), "how": val(bs, "epoch_time_kind"),
+    "study epoch time (s)": study.EPOCH_TIME_S.get(bs, "–"),
+    "study throughput (tok/s)": round(study.TOKENS_PER_S[bs]) if bs in study.TOKENS_PER_S else "–",
 } for bs in batch_sizes])
-table4.round(2)
+table(table4)
 
 # %% [markdown]
 # ## Several GPUs
@@ -131,11 +135,11 @@ if multi:
     for bs, r in multi.items():
         base = {"batch size per GPU": bs, "GPUs": r["world_size"], "accumulation": r.get("grad_accum"),
                 "global batch": r.get("global_batch_size"), "strategy": r.get("strategy"),
-                "tokens/s total": r.get("tokens_per_s"), "tokens/s per GPU": r.get("tokens_per_s_per_gpu")}
+                "throughput, all GPUs (tok/s)": r.get("tokens_per_s"), "throughput per GPU (tok/s)": r.get("tokens_per_s_per_gpu")}
         for pr in r.get("per_rank") or []:
-            base[f"GPU {pr['rank']} peak reserved GiB"] = pr.get("peak_reserved_gib")
+            base[f"GPU {pr['rank']} peak reserved (GiB)"] = pr.get("peak_reserved_gib")
         rows.append(base)
-    display(pd.DataFrame(rows).round(2))
+    display(table(rows))
 else:
     print("single-process run (no torchrun): see the tables above")
 
@@ -162,7 +166,7 @@ if scaling_reference:
                         "speed-up": speedup, "efficiency": speedup / (w / w_ref)})
     (run / "results" / "scaling.json").write_text(json.dumps({"reference": str(scaling_reference), "rows": scaling}, indent=1))
     if scaling:
-        display(pd.DataFrame(scaling).round(3))
+        display(table(scaling, precision=3))
         fig = go.Figure()
         xs = [f"bs {r['batch size per GPU']}" for r in scaling]
         fig.add_bar(name=f"reference ({scaling[0]['GPUs (reference)']} GPU)", x=xs, y=[r["tokens/s (reference)"] for r in scaling])
@@ -234,7 +238,8 @@ if prof_rows:
     fig = go.Figure(go.Scatter(x=prof["batch size"], y=prof["mfu"] * 100, mode="lines+markers"))
     fig.update_layout(title="MFU vs batch size (%)", xaxis_title="batch size", yaxis_title="MFU %", height=300)
     fig.show()
-    display(prof)
+    display(table(prof.rename(columns={"flops_per_step": "FLOPs per step", "macs_per_step": "MACs per step",
+                                       "tflops_per_s": "achieved TFLOP/s", "mfu": "MFU (fraction)"}), precision=3))
 else:
     print("no profiling results (notebook 04 not run or failed)")
 

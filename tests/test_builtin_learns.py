@@ -5,24 +5,22 @@ import pytest
 import torch
 
 from loralab.adapter import load_adapter
-from loralab.config import RunConfig
-from loralab.data import load_splits, prompt_ids, tokenize_splits
+from loralab.config import TINY_DEFAULTS, RunConfig
+from loralab.data import load_splits, prompt_ids
 from loralab.evaluate import generate_summaries, rouge_scores
-from loralab.model import load_base_model, load_for_training, resolve_model_folder
-from loralab.runner import TINY_DEFAULTS
-from loralab.train import train
+from loralab.model import load_base_model, load_tokenizer_for, resolve_model_folder
+from loralab.train import run_training
 
 
 @pytest.mark.slow
 def test_builtin_default_learns_to_summarise(tmp_path):
     # What `python run_all.py` trains at its largest batch (8): the demo recipe, the default step budget.
-    cfg = RunConfig(model="tiny", recipe=TINY_DEFAULTS["recipe"], batch_size=8, seq_len=2048,
+    cfg = RunConfig(model="tiny", recipe=TINY_DEFAULTS["recipe"], batch_sizes=[8], seq_len=2048,
                     max_steps=TINY_DEFAULTS["max_steps"], device="cpu")
-    model, tok, _ = load_for_training(cfg, progress=lambda *a: None)
-    splits = load_splits("builtin")
-    ts = tokenize_splits(tok, splits, cfg.seq_len, cfg.packing)
-    result = train(cfg, model, ts["train"], tmp_path, tok.pad_id, progress=lambda *a: None)
+    result = run_training(cfg, tmp_path, progress=lambda *a: None)
     assert result.status == "ok"
+    tok = load_tokenizer_for(cfg)
+    splits = load_splits("builtin")
 
     test = splits["test"][:50]
     prompts = [prompt_ids(tok, ex, with_summary=False) for ex in test]

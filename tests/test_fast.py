@@ -9,8 +9,14 @@ import torch
 
 from loralab import fast
 from loralab.config import ConfigError, get_recipe
-from loralab.model import preset_config
-from loralab.profilers import build_lora_model, random_batch
+from loralab.model import build_random_model
+from loralab.profilers import random_batch, step_module
+from loralab.shape import preset_config
+from loralab.train import forward_backward
+
+
+def build_lora_model(config, recipe, device="cpu", seed=0):
+    return build_random_model(config, recipe, torch.device(device), seed=seed)
 
 PLAIN = get_recipe("fast").replace(  # plain HF + PEFT bf16, as a user writes it, dropout 0 for exactness
     name="plain", lora_dropout=0.0, cross_entropy="hf", liger="off", compile="off", lora_matmul_dtype="adapter")
@@ -28,8 +34,7 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 
 def step(model, recipe, ids, labels=None):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids if labels is None else labels}
-    loss = fast.forward_loss(model, batch, recipe)
-    loss.backward()
+    loss = forward_backward(step_module(model, recipe), batch)
     g = lora_grads(model)
     model.zero_grad(set_to_none=True)
     return float(loss.detach()), g
@@ -100,7 +105,7 @@ def plain_and_ids():
     torch.manual_seed(0)
     m = build_lora_model(cfg, PLAIN.replace(param_dtype="float32"), "cpu", seed=0)
     nonzero_b(m)
-    ids = random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"), seed=3)
+    ids = random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"), seed=3)["input_ids"]
     return cfg, m, ids
 
 
@@ -142,7 +147,7 @@ def test_lora_in_input_dtype_bf16():
     cfg = tiny()
     m = build_lora_model(cfg, PLAIN, "cpu", seed=0)
     nonzero_b(m)
-    ids = random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"), seed=4)
+    ids = random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"), seed=4)["input_ids"]
     l_ref, g_ref = step(m, PLAIN, ids)
     assert fast.lora_in_input_dtype(m) == 2 * cfg.num_hidden_layers
     assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if p.requires_grad)
@@ -191,9 +196,8 @@ def test_fast_matches_plain_over_steps():
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
         losses[name], norms[name] = [], []
         for s in range(9):
-            ids = random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"), seed=s % 3)  # 3 batches, 5 epochs
-            loss = fast.forward_loss(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, rec)
-            loss.backward()
+            ids = random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"), seed=s % 3)["input_ids"]  # 3 batches, 5 epochs
+            loss = forward_backward(step_module(m, rec), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
             norms[name].append(float(torch.linalg.vector_norm(torch.stack(
                 [p.grad.float().norm() for p in m.parameters() if p.grad is not None]))))
             opt.step()
@@ -212,7 +216,7 @@ def test_compile_on_cpu_matches_eager():
     rec = PLAIN.replace(param_dtype="float32")
     m = build_lora_model(cfg, rec, "cpu", seed=0)
     nonzero_b(m)
-    ids = random_batch(cfg.vocab_size, 2, 32, torch.device("cpu"), seed=5)
+    ids = random_batch(cfg.vocab_size, 2, 32, torch.device("cpu"), seed=5)["input_ids"]
     l_ref, g_ref = step(m, rec, ids)
     torch._dynamo.reset()
     fast.configure_layers(m, compile=True)
@@ -250,7 +254,7 @@ def test_selective_checkpointing_under_compile_recomputes_no_matmul():
         torch._dynamo.reset()
         fast.configure_layers(m, compile=True, checkpointing=mode,
                               compile_options={"backend": aot_autograd(fw_compiler=fw, bw_compiler=bw)})
-        step(m, rec, random_batch(cfg.vocab_size, 2, 16, torch.device("cpu"), seed=1))
+        step(m, rec, random_batch(cfg.vocab_size, 2, 16, torch.device("cpu"), seed=1)["input_ids"])
         assert counts, "no backward graph compiled"
         return counts[0]
 

@@ -7,6 +7,8 @@ from transformers import LlamaConfig
 from loralab import flops as F
 from loralab import profilers as P
 from loralab.config import ConfigError, get_recipe
+from loralab.model import build_random_model
+from loralab.shape import ModelShape
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
@@ -23,7 +25,7 @@ def test_7b_hand_formula():
     cfg = LlamaConfig(**LLAMA2_7B)
     b, s, r, L, d, V = 1, 2048, 8, 32, 4096, 32000
     T = b * s
-    f = F.lora_step_flops(F.ModelShape.from_config(cfg), batch_size=b, seq_len=s, lora_r=r,
+    f = F.lora_step_flops(ModelShape.of(cfg), batch_size=b, seq_len=s, lora_r=r,
                           lora_targets=("q_proj", "v_proj"), gradient_checkpointing=False,
                           input_requires_grad=True)
     n_lin = L * (4 * d * d + 3 * d * 11008)
@@ -38,7 +40,7 @@ def test_7b_hand_formula():
     # about 2/3 of full fine-tuning's 6 N per token (N = non-embedding + head weights)
     full_ft_approx = 6 * T * (n_lin + d * V) + 3 * 2 * L * 2 * b * 32 * s * s * 128
     assert 0.6 < f.model_flops / full_ft_approx < 0.7
-    ck = F.lora_step_flops(F.ModelShape.from_config(cfg), batch_size=b, seq_len=s, lora_r=r,
+    ck = F.lora_step_flops(ModelShape.of(cfg), batch_size=b, seq_len=s, lora_r=r,
                            lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True,
                            input_requires_grad=True)
     assert ck.model_flops == f.model_flops
@@ -55,7 +57,7 @@ def test_causal_discount_halves_attention():
 
 
 def test_layer0_without_input_grad_skips_frozen_backward():
-    shape = F.ModelShape.from_config(tiny_config())
+    shape = ModelShape.of(tiny_config())
     kw = dict(batch_size=1, seq_len=32, lora_r=4, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=False)
     on = F.lora_step_flops(shape, input_requires_grad=True, **kw)
     off = F.lora_step_flops(shape, input_requires_grad=False, **kw)
@@ -82,9 +84,9 @@ def test_analytic_matches_flop_counter(name, over):
     """FlopCounterMode counts hardware FLOPs with full attention: the analytic hardware count within 2 %."""
     cfg = tiny_config()
     recipe = get_recipe(name).replace(**over)
-    model = P.build_lora_model(cfg, recipe, "cpu")
-    ids = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
-    counted = P.count_step_flops(model, ids, recipe)
+    model = build_random_model(cfg, recipe, torch.device("cpu"))
+    batch = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
+    counted = P.count_step_flops(model, batch, recipe)
     a = F.recipe_step_flops(cfg, recipe, 2, 64)
     assert counted["total"] == pytest.approx(a.hardware_flops, rel=0.02)
     assert counted["forward"] == pytest.approx(a.forward, rel=0.02)
@@ -94,9 +96,9 @@ def test_analytic_matches_flop_counter(name, over):
 def test_flop_counter_linear_in_batch_size():
     cfg = tiny_config()
     recipe = get_recipe("fast")
-    model = P.build_lora_model(cfg, recipe, "cpu")
+    model = build_random_model(cfg, recipe, torch.device("cpu"))
     bs = [1, 2, 3, 4]
-    counted = [P.count_step_flops(model, P.random_batch(256, b, 32, torch.device("cpu")))["total"] for b in bs]
+    counted = [P.count_step_flops(model, P.random_batch(256, b, 32, torch.device("cpu")), recipe)["total"] for b in bs]
     a, b0, r2 = F.linear_fit_r2(bs, counted)
     assert r2 > 0.999
     assert abs(b0) < 1e-6 * a  # proportional: no fixed cost per step in matmul FLOPs
@@ -106,9 +108,9 @@ def test_int8_seed_recipe_runs_and_is_labelled():
     """Seed recipe (bitsandbytes int8): counted, and the label says what the counter cannot see."""
     cfg = tiny_config()
     recipe = get_recipe("seed")
-    model = P.build_lora_model(cfg, recipe, "cpu")
-    ids = P.random_batch(cfg.vocab_size, 1, 32, torch.device("cpu"))
-    counted = P.count_step_flops(model, ids, recipe)
+    model = build_random_model(cfg, recipe, torch.device("cpu"))
+    batch = P.random_batch(cfg.vocab_size, 1, 32, torch.device("cpu"))
+    counted = P.count_step_flops(model, batch, recipe)
     a = F.recipe_step_flops(cfg, recipe, 1, 32)
     assert 0 < counted["total"] <= a.hardware_flops * 1.02  # never more than the analytic count
     assert "bitsandbytes" in counted["convention"]
@@ -117,9 +119,9 @@ def test_int8_seed_recipe_runs_and_is_labelled():
 def test_deepspeed_profile_labelled_and_restores_train_mode():
     cfg = tiny_config()
     recipe = get_recipe("fast").replace(param_dtype="float32", compute_dtype="float32")
-    model = P.build_lora_model(cfg, recipe, "cpu")
-    ids = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
-    ds = P.deepspeed_profile(model, ids)
+    model = build_random_model(cfg, recipe, torch.device("cpu"))
+    batch = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
+    ds = P.deepspeed_profile(model, batch)
     assert model.training  # get_model_profile calls model.eval(); we restore it
     assert "3 x forward" in ds["convention"] and "bitsandbytes" in ds["convention"]
     if not ds["available"]:
@@ -155,7 +157,7 @@ def test_flops_linear_in_batch_size_7b():
 
 
 def test_bad_input_raises_config_error():
-    shape = F.ModelShape.from_config(tiny_config())
+    shape = ModelShape.of(tiny_config())
     with pytest.raises(ConfigError):
         F.lora_step_flops(shape, batch_size=0, seq_len=8, lora_r=8, lora_targets=("q_proj",),
                           gradient_checkpointing=False, input_requires_grad=False)
@@ -177,9 +179,9 @@ def test_measure_matmul_peak_cpu():
 def test_analytic_matches_flop_counter_cuda(attn):
     cfg = tiny_config()
     recipe = get_recipe("fast").replace(attn_implementation=attn)
-    model = P.build_lora_model(cfg, recipe, "cuda")
-    ids = P.random_batch(cfg.vocab_size, 2, 128, torch.device("cuda"))
-    counted = P.count_step_flops(model, ids, recipe)
+    model = build_random_model(cfg, recipe, torch.device("cuda"))
+    batch = P.random_batch(cfg.vocab_size, 2, 128, torch.device("cuda"))
+    counted = P.count_step_flops(model, batch, recipe)
     assert counted["total"] == pytest.approx(F.recipe_step_flops(cfg, recipe, 2, 128).hardware_flops, rel=0.02)
 
 
@@ -197,7 +199,7 @@ def test_notebook_04_runs_on_cpu(tmp_path):
     jupytext.write(nb, src)
     pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
                         parameters={"model": "tiny", "recipe": "fast", "seq_len": 256, "device": "cpu",
-                                    "run_dir": str(tmp_path / "run")})
+                                    "run_dir": str(tmp_path / "run")}, cwd=str(tmp_path))
     prof = json.loads((tmp_path / "run" / "bs1" / "profile.json").read_text())
     assert prof["flop_counter"]["total"] == pytest.approx(prof["analytic"]["hardware_flops"], rel=0.02)
     assert prof["mfu"] > 0 and prof["flops_per_step"] == prof["analytic"]["model_flops"]

@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from loralab.config import ConfigError, RunConfig, get_recipe
-from loralab.model import (add_lora, checkpointing_active, load_for_training, preset_config,
-                           resolve_model_folder, trainable_parameters)
+from loralab.model import add_lora, checkpointing_active, load_for_training, resolve_model_folder, trainable_parameters
+from loralab.shape import preset_config
 
 
 def test_lora_params_for_the_7b_shape_on_meta_device():
@@ -65,4 +65,4 @@ def test_bad_model_inputs(tmp_path):
     with pytest.raises(ConfigError, match="recipe='turbo'"):
         RunConfig(recipe="turbo")
     with pytest.raises(ConfigError, match="batch_size=0"):
-        RunConfig(batch_size=0)
+        RunConfig(batch_sizes=[0])

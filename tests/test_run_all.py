@@ -28,8 +28,8 @@ def no_columns(tmp_path):
     (["--model", "no/such/model"], "model 'no/such/model': not a preset"),
     (["--data", "no/such/data"], "data 'no/such/data': no such file or folder"),
     (["--tokenizer", "no/such/tok"], "tokenizer 'no/such/tok': no such file or folder"),
-    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast, demo, qlora"),
-    (["--attn", "flash"], "attn_implementation='flash': expected one of eager, sdpa"),
+    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast, qlora, demo"),
+    (["--attn", "flash"], "attn='flash': expected one of eager, sdpa"),
     (["--batch-sizes", "4", "0"], "--batch-sizes 0: expected integers >= 1"),
     (["--batch-sizes", "four"], "--batch-sizes 'four': expected integers >= 1"),
     (["--max-steps", "0"], "max_steps=0: expected an integer >= 1"),
@@ -88,7 +88,7 @@ def test_whole_sweep_end_to_end(tmp_path):
     # FLOPs per step: the analytic count at the rows' mean length (one dialogue per row, not packed)
     from loralab.config import get_recipe
     from loralab.flops import recipe_step_flops
-    from loralab.model import preset_config
+    from loralab.shape import preset_config
 
     for row in s["sweep"]:
         tr = json.loads((run / f"bs{row['batch_size']}" / "train_result.json").read_text())
@@ -103,8 +103,8 @@ def test_whole_sweep_end_to_end(tmp_path):
     # the 06 report carries the study's numbers beside ours
     report = (run / "06_report.html").read_text()
     assert "9.31" in report and "1555" in report  # the study's bs-1 memory and steps per epoch
-    # a study run needs the seed recipe by name: packing follows the recipe
-    assert run_all.to_sweep_args(run_all.parse_args(["--recipe", "seed"])).packing is None
+    # packing follows the recipe: seed packs (as the study), demo does not
+    assert run_all.config_from_args(["--recipe", "seed"]).packing is True
     # a second run with the same id never overwrites the first
     before = (run / "summary.json").read_text()
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

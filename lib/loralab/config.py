@@ -1,18 +1,24 @@
-"""Typed configuration: a run is a model, a data source and a recipe.
+"""Typed configuration: a run is a model, a data source, a recipe, the batch sizes to sweep, and where.
 
-A *recipe* is a named preset of every training knob (quantization, dtypes,
-checkpointing, attention, LoRA, optimizer). A *run* adds what to train on and
-how long. Every report prints the fully resolved config (``RunConfig.to_dict``)
-so nothing is implicit.
+A *recipe* (``Recipe``) is a named preset of every training knob (quantization, dtypes,
+checkpointing, attention, LoRA, optimizer, speed levers). ``RECIPES`` is the one registry of every
+recipe and variant any notebook or benchmark runs. A *run* (``RunConfig``) adds what to train on,
+how long, on which devices and which reports: run_all.py builds it once from its flags
+(``RunConfig.from_options``), writes it to the run folder and hands it to every notebook; a notebook
+opened in JupyterLab builds the same object from its own parameters cell. Every report prints the
+fully resolved config (``RunConfig.to_dict``), so nothing is implicit.
 
-Invalid values raise ``ConfigError`` with a one-line message naming the field
-and what was expected; ``run_all.py`` turns it into exit code 2.
+Invalid values raise ``ConfigError`` with a one-line message naming the field and what was
+expected; ``run_all.py`` turns it into exit code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -90,6 +96,8 @@ class Recipe:
     packing: bool = True
     """True: llama-recipes packing (concatenate every prompt, cut into seq_len chunks, drop the tail);
     False: one dialogue per row, right-padded. A run may override it (RunConfig.packing)."""
+    about: str = ""
+    """One line: what this recipe is for (printed in reports and ``run_all.py --help``)."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -121,102 +129,173 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-RECIPES: dict[str, Recipe] = {
-    # The study (Dell 2023, llama-recipes defaults): int8 base, everything else
-    # fp32, no autocast, checkpointing on, eager attention, LoRA r8 on q/v.
-    "seed": Recipe(name="seed", quantization="int8"),
-    # loralab's own (loralab.fast, each lever a switch): bf16 weights and compute,
-    # SDPA (flash) attention, no checkpointing, LoRA without dropout and in bf16
-    # (fp32 master weights), chunked cross-entropy, compiled decoder layers on CUDA
-    # (Liger's RoPE/RMSNorm/SwiGLU when compile is off and liger-kernel is there).
-    "fast": Recipe(
-        name="fast",
-        quantization="none",
-        param_dtype="bfloat16",
-        compute_dtype="bfloat16",
-        gradient_checkpointing="none",
-        attn_implementation="sdpa",
-        lora_dropout=0.0,
-        prepare_for_kbit=False,
-        cross_entropy="chunked",
-        liger="auto",
-        compile="auto",
-        lora_matmul_dtype="input",
-        allocator="expandable",
-    ),
-    # The built-in default's recipe: what a *small* model needs to learn a task in minutes on a
-    # CPU. A randomly initialised tiny base cannot be taught by the study's LoRA (r8 on q/v at
-    # lr 1e-4: no ROUGE gain after 600 steps); LoRA on every linear layer at r16 and lr 3e-3,
-    # one dialogue per row, lifts ROUGE-L by ~0.5 in ~20 s of training. fp32, SDPA, no checkpointing.
-    "demo": Recipe(
-        name="demo",
-        quantization="none",
-        param_dtype="float32",
-        compute_dtype="float32",
-        gradient_checkpointing="none",
-        attn_implementation="sdpa",
-        lora_r=16,
-        lora_alpha=32,
-        lora_targets=LORA_TARGETS_ALL,
-        learning_rate=3e-3,
-        prepare_for_kbit=False,
-        packing=False,
-        allocator="expandable",
-    ),
-    # QLoRA: 4-bit NF4 base with double quantization, bf16 compute.
-    "qlora": Recipe(
-        name="qlora",
-        quantization="nf4",
-        param_dtype="bfloat16",
-        compute_dtype="bfloat16",
-        gradient_checkpointing="full",
-        attn_implementation="sdpa",
-        allocator="expandable",
-    ),
-}
+_FAST = Recipe(
+    name="fast", quantization="none", param_dtype="bfloat16", compute_dtype="bfloat16",
+    gradient_checkpointing="none", attn_implementation="sdpa", lora_dropout=0.0, prepare_for_kbit=False,
+    cross_entropy="chunked", liger="auto", compile="auto", lora_matmul_dtype="input", allocator="expandable",
+    about="loralab's own: bf16, SDPA, LoRA without dropout in bf16 (fp32 master weights), chunked "
+          "cross-entropy, torch.compile per decoder layer (CUDA), expandable segments")
+# plain HF + PEFT in bf16, as a user writes it: dropout 0.05, peft's fp32 adapter matmul, HF's loss, no compile
+_HF = _FAST.replace(name="hf-peft", lora_dropout=0.05, cross_entropy="hf", liger="off", compile="off",
+                    lora_matmul_dtype="adapter", allocator="caching",
+                    about="plain Hugging Face + PEFT LoRA in bf16 with SDPA, as a user writes it (benchmarks)")
+# the memory sweep's bf16 LoRA: fast's layers (compiled on CUDA, LoRA in bf16, no dropout) with HF's loss
+_LORA_BF16 = _FAST.replace(name="lora-bf16", cross_entropy="hf", liger="off",
+                           about="bf16 LoRA with fast's layers and HF's loss (the memory sweeps)")
+_SEED = Recipe(name="seed", quantization="int8",
+               about="the study's recipe (llama-recipes 2023): int8 base, fp32 rest, no autocast, reentrant "
+                     "checkpointing, eager attention, LoRA r8 on q/v, packed 2048")
+
+
+def _registry(*recipes: Recipe) -> dict[str, Recipe]:
+    return {r.name: r for r in recipes}
+
+
+RECIPES: dict[str, Recipe] = _registry(
+    _SEED,
+    _FAST,
+    # What a *small* model needs to learn a task in minutes on a CPU. A randomly initialised tiny base
+    # cannot be taught by the study's LoRA (r8 on q/v at lr 1e-4: no ROUGE gain after 600 steps); LoRA on
+    # every linear layer at r16 and lr 3e-3, one dialogue per row, lifts ROUGE-L by ~0.5 in ~20 s.
+    Recipe(name="demo", quantization="none", param_dtype="float32", compute_dtype="float32",
+           gradient_checkpointing="none", attn_implementation="sdpa", lora_r=16, lora_alpha=32,
+           lora_targets=LORA_TARGETS_ALL, learning_rate=3e-3, prepare_for_kbit=False, packing=False,
+           allocator="expandable",
+           about="the tiny model's default: fp32 LoRA r16 on every linear, lr 3e-3, one dialogue per row"),
+    Recipe(name="qlora", quantization="nf4", param_dtype="bfloat16", compute_dtype="bfloat16",
+           gradient_checkpointing="full", attn_implementation="sdpa", allocator="expandable",
+           about="QLoRA: 4-bit NF4 base with double quantization, bf16 compute, checkpointing"),
+    # --- variants the memory sweeps, the model check and the benchmarks measure
+    # The study's recipe with SDPA: a what-if, so it runs as loralab runs its own recipes (expandable
+    # segments); only `seed` keeps the study's caching allocator (it reproduces the OOM at batch 8).
+    _SEED.replace(name="seed-sdpa", attn_implementation="sdpa", allocator="expandable",
+                  about="the study's recipe with SDPA attention (a what-if)"),
+    _LORA_BF16,
+    _LORA_BF16.replace(name="lora-bf16-ckpt", gradient_checkpointing="full",
+                       about="lora-bf16 with HF's (reentrant) checkpointing on every layer (the memory sweeps)"),
+    _HF,
+    _HF.replace(name="hf-peft-ckpt", gradient_checkpointing="full", about="hf-peft with HF's checkpointing"),
+    _HF.replace(name="hf-peft-liger", liger="on", cross_entropy="liger",
+                about="hf-peft + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy; CUDA)"),
+    _HF.replace(name="hf-peft-liger-ckpt", liger="on", cross_entropy="liger", gradient_checkpointing="full",
+                about="hf-peft + Liger with HF's checkpointing"),
+    # the ablation: fast with one lever changed
+    _FAST.replace(name="fast-eager-layers", compile="off", liger="off", about="fast without torch.compile"),
+    _FAST.replace(name="fast-liger-no-compile", compile="off", liger="on", about="fast with Liger instead of compile"),
+    _FAST.replace(name="fast-compile+liger", compile="on", liger="on", about="fast with compile and Liger"),
+    _FAST.replace(name="fast-hf-ce", cross_entropy="hf", about="fast with HF's cross-entropy"),
+    _FAST.replace(name="fast-lora-fp32-input", lora_matmul_dtype="adapter", about="fast with peft's fp32 LoRA matmul"),
+    _FAST.replace(name="fast-dropout", lora_dropout=0.05, about="fast with LoRA dropout 0.05"),
+    _FAST.replace(name="fast-selective-ckpt", gradient_checkpointing="selective", about="fast with selective checkpointing"),
+    _FAST.replace(name="fast-full-ckpt", gradient_checkpointing="full", checkpoint_layers=10**6,
+                  about="fast with full checkpointing of every layer (loralab's wrapper)"),
+    _FAST.replace(name="fast-offload", gradient_checkpointing="offload", checkpoint_layers=8,
+                  about="fast with 8 layers' activations offloaded to CPU"),
+    _FAST.replace(name="fast-doc-positions", doc_position_ids=True, about="fast with per-document positions"),
+    _FAST.replace(name="fast-caching-allocator", allocator="caching", about="fast with PyTorch's caching allocator"),
+    # what notebook 05 loads the base with to generate summaries (unquantized: merging an adapter into int8/nf4
+    # weights would re-quantize them): bf16 on a GPU, fp32 on a CPU, SDPA
+    _FAST.replace(name="generate-bf16", about="the base for generating summaries on a GPU (notebook 05)"),
+    _FAST.replace(name="generate-fp32", param_dtype="float32", compute_dtype="float32",
+                  about="the base for generating summaries on a CPU (notebook 05)"),
+)
+USER_RECIPES = ("seed", "fast", "qlora", "demo")
+"""The recipes run_all.py offers first; every other name in RECIPES is a variant for measurements."""
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ConfigError(f"recipe={name!r}: expected one of {', '.join(RECIPES)}")
+        variants = ", ".join(n for n in RECIPES if n not in USER_RECIPES)
+        raise ConfigError(f"recipe={name!r}: expected one of {', '.join(USER_RECIPES)} (or a variant: {variants})")
     return RECIPES[name]
+
+
+DEFAULT_NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06")
+TINY_DEFAULTS = {"recipe": "demo", "max_steps": 300}
+"""The built-in default (tiny model, CPU): a recipe a small model learns from in seconds, and a step budget that
+keeps the whole sweep within minutes. Applied only where the user chose nothing."""
 
 
 @dataclass
 class RunConfig:
-    """One training run: what model, what data, which recipe, how long."""
+    """One run of loralab: what to train, on what, with which recipe, how long, on which devices, which reports.
 
+    ``batch_sizes`` is the sweep; the training of one batch size sees ``cfg.at_batch(b)``, whose
+    ``batch_size`` is ``b``. Values are checked on construction (``ConfigError``, one line);
+    files (model, tokenizer, data) are checked by the runner before a run folder is made.
+    """
+
+    # --- what
     model: str = "tiny"
-    """Preset name ("tiny", "llama2-7b") or a Hugging Face model folder."""
-    tokenizer: str | None = None
-    """Tokenizer folder or SentencePiece .model file; None: the model's own."""
+    """Preset ("tiny", "llama2-7b", "llama2-13b"), a Hugging Face model folder, or a Meta checkpoint folder."""
+    tokenizer: str = ""
+    """Tokenizer folder or SentencePiece .model file; "": the model's own."""
     data: str = "builtin"
-    """"builtin", a SAMSum folder (train/val/test.json), or a JSON/JSONL/CSV file."""
-    recipe: Recipe = field(default_factory=lambda: RECIPES["seed"])
-    batch_size: int = 1
+    """"builtin", a SAMSum-style folder (train/val/test), a JSON/JSONL/CSV/Parquet file, or a saved dataset folder."""
+    recipe: Recipe | str = ""
+    """A recipe (or its name in RECIPES); "": the model's default (demo for the tiny model, seed otherwise)."""
+    # --- how much
+    batch_sizes: list[int] | str = field(default_factory=lambda: [1, 4, 7, 8])
+    """Per-step (per-GPU) batch sizes to sweep, or "auto": the largest that fits, confirmed by a measured step."""
     seq_len: int = 2048
-    """Packed chunk length (the study: 2048)."""
+    """Tokens per packed chunk (the study: 2048); the longest row when not packing."""
     packing: bool | None = None
-    """None: the recipe's (seed: packed, as llama-recipes). True: concatenate, cut, drop the tail.
-    False: one dialogue per row, padded."""
+    """None: the recipe's (seed packs, as llama-recipes; demo does not). True: concatenate, cut, drop the
+    tail. False: one dialogue per row, padded."""
     epochs: int = 1
     max_steps: int | None = None
-    """Stop after this many optimizer steps (None: full epochs)."""
-    device: str = "auto"
-    """"auto" (cuda if available), "cpu" or "cuda"."""
-    gpu_memory_gib: float | None = None
-    """Cap the CUDA caching allocator to emulate a card of this size (40: the study's A100)."""
+    """Stop each training run after this many optimizer steps (epoch time is then extrapolated);
+    None: whole epochs (300 for the tiny model's demo recipe)."""
     seed: int = 42
+    # --- where
+    device: str = "auto"
+    """"auto" (cuda when there is one), "cpu" or "cuda"."""
+    gpu_memory_gib: float | None = None
+    """Cap PyTorch's allocator to emulate a card of this size (40: the study's A100-40GB)."""
     log_every: int = 0
-    """Print a progress line every N steps (0: about 20 lines per run). steps.jsonl has every step."""
+    """Print a progress line every N steps (0: about 20 per run). steps.jsonl has every step."""
+    # --- several GPUs and nodes (torchrun)
+    nproc: int = 1
+    """Processes (GPUs) per node; > 1 trains under torchrun. Batch sizes are per GPU."""
+    strategy: str = "auto"
+    """"ddp" (a replica per GPU), "fsdp" (sharded weights) or "auto" (the memory model decides)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps; global batch = batch x GPUs x this."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    # --- the reports
+    notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
+    """Which notebooks to run (their two-digit prefixes)."""
+    eval_examples: int = 50
+    """Test dialogues summarised and scored in notebook 05."""
+    scaling_reference: str = ""
+    """An earlier run folder (same model, recipe, seq_len; fewer GPUs): notebook 06 adds a scaling plot."""
+    out: str = "outputs"
+    """Parent folder of run folders."""
+    run_id: str = ""
+    """Run folder name (default: time-model-recipe plus a short unique suffix); never reused."""
+    defaults_applied: list[str] = field(default_factory=list)
+    """What the user left open and loralab chose (printed by the runner; kept for the record)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.recipe, str):
-            self.recipe = get_recipe(self.recipe)
+        if isinstance(self.recipe, dict):
+            r = dict(self.recipe)
+            r["lora_targets"] = tuple(r.get("lora_targets", ("q_proj", "v_proj")))
+            self.recipe = Recipe(**r)
+        elif isinstance(self.recipe, str):
+            self.recipe = get_recipe(self.recipe or ("demo" if self.model == "tiny" else "seed"))
         if self.packing is None:
             self.packing = self.recipe.packing
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r}: expected an integer >= 1")
+        if isinstance(self.batch_sizes, int):
+            self.batch_sizes = [self.batch_sizes]
+        if self.batch_sizes != "auto":
+            if not self.batch_sizes:
+                raise ConfigError("batch sizes: none given; expected one or more integers >= 1, or 'auto'")
+            for b in self.batch_sizes:
+                if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                    raise ConfigError(f"batch_size={b!r}: expected an integer >= 1")
         if self.seq_len < 8:
             raise ConfigError(f"seq_len={self.seq_len}: expected an integer >= 8")
         if self.epochs < 1:
@@ -228,6 +307,73 @@ class RunConfig:
             raise ConfigError(f"log_every={self.log_every}: expected 0 (auto) or an integer >= 1")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise ConfigError(f"gpu_memory_gib={self.gpu_memory_gib}: expected a number > 0")
+        if self.nproc < 1:
+            raise ConfigError(f"nproc={self.nproc}: expected an integer >= 1")
+        _choice("strategy", self.strategy, ("auto", "ddp", "fsdp"))
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum={self.grad_accum}: expected an integer >= 1")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"nnodes={self.nnodes}, node_rank={self.node_rank}: expected nnodes >= 1 and 0 <= node_rank < nnodes")
+        if not 0 < self.master_port < 65536:
+            raise ConfigError(f"master_port={self.master_port}: expected a TCP port 1..65535")
+        if self.eval_examples < 1:
+            raise ConfigError(f"eval_examples={self.eval_examples}: expected an integer >= 1")
+        for nb in self.notebooks:
+            if not (isinstance(nb, str) and len(nb) == 2 and nb.isdigit()):
+                raise ConfigError(f"notebooks: {nb!r}: expected two-digit prefixes such as 00 01 03 06")
+
+    # --- derived values
+    @property
+    def batch_size(self) -> int:
+        """The batch size of one training run (``at_batch``)."""
+        if self.batch_sizes == "auto" or len(self.batch_sizes) != 1:
+            raise ConfigError(f"batch_sizes={self.batch_sizes!r}: one training run needs one batch size (cfg.at_batch(b))")
+        return self.batch_sizes[0]
+
+    def at_batch(self, batch_size: int) -> "RunConfig":
+        """This run's config for one batch size of the sweep."""
+        return dataclasses.replace(self, batch_sizes=[batch_size], recipe=self.recipe)
+
+    @property
+    def world_size(self) -> int:
+        """Processes that train: GPUs per node x nodes."""
+        return self.nproc * self.nnodes
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum
+
+    @property
+    def random_weights(self) -> bool:
+        from loralab.shape import random_weights
+
+        return random_weights(self.model)
+
+    # --- building and saving
+    @classmethod
+    def from_options(cls, *, attn: str = "", **options: Any) -> "RunConfig":
+        """A run from what a user gave (run_all.py's flags, a notebook's parameters): the defaults filled in
+        and listed in ``defaults_applied``. ``attn`` overrides the recipe's attention; None means unset."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"options {sorted(unknown)}: expected only {sorted(known | {'attn'})}")
+        o = {k: v for k, v in options.items() if v is not None}
+        notes = []
+        model = o.get("model", "tiny")
+        if not o.get("recipe"):
+            o["recipe"] = TINY_DEFAULTS["recipe"] if model == "tiny" else "seed"
+            notes.append(f"recipe {o['recipe']} (the default for {'the tiny model' if model == 'tiny' else 'this model'}; "
+                         f"--recipe {'|'.join(USER_RECIPES)} to choose)")
+        recipe = o["recipe"] if isinstance(o["recipe"], Recipe) else get_recipe(o["recipe"])
+        if attn:
+            _choice("attn", attn, ATTENTION)
+            recipe = recipe.replace(attn_implementation=attn)
+        o["recipe"] = recipe
+        if "max_steps" not in o and model == "tiny" and recipe.name == TINY_DEFAULTS["recipe"]:
+            o["max_steps"] = TINY_DEFAULTS["max_steps"]
+            notes.append(f"at most {o['max_steps']} steps per batch size (the tiny default; --max-steps N to change)")
+        return cls(**o, defaults_applied=notes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -236,14 +382,20 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        d = dict(d)
-        r = d.get("recipe", "seed")
-        if isinstance(r, dict):
-            r = dict(r)
-            r["lora_targets"] = tuple(r.get("lora_targets", ("q_proj", "v_proj")))
-            d["recipe"] = Recipe(**r)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"config keys {sorted(unknown)}: expected only {sorted(known)}")
-        return cls(**d)
+        return cls(**dict(d))
+
+    def save(self, path: Path) -> Path:
+        """Write ``to_dict`` as JSON (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

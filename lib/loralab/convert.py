@@ -103,6 +103,47 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
+def llama_config(params: dict, sp, max_position_embeddings: int = 4096, torch_dtype=torch.float16,
+                 where: Path | str = ""):
+    """The Hugging Face ``LlamaConfig`` of Meta's ``params.json`` (``sp``: the checkpoint's SentencePiece model)."""
+    from transformers import LlamaConfig
+
+    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+        raise ConfigError(f"{Path(where) / 'params.json'}: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv_heads}: expected dim divisible by n_heads, n_heads by n_kv_heads, and an even head size")
+    config = LlamaConfig(
+        vocab_size=sp.vocab_size(), hidden_size=dim, num_hidden_layers=n_layers,
+        intermediate_size=intermediate_size(dim, params["multiple_of"], params.get("ffn_dim_multiplier")),
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, hidden_act="silu",
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=params["norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
+        bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), pad_token_id=None, tie_word_embeddings=False,
+        dtype=torch_dtype,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def _params_and_tokenizer(meta_dir: Path):
+    """(params.json, its SentencePiece model, the tokenizer file), checked against each other."""
+    import sentencepiece as spm
+
+    params = _read_params(meta_dir)
+    tok_file = _find_tokenizer(meta_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_file))
+    if params["vocab_size"] not in (-1, sp.vocab_size()):
+        raise ConfigError(f"{meta_dir / 'params.json'}: vocab_size {params['vocab_size']} does not match {tok_file} ({sp.vocab_size()} pieces)")
+    return params, sp, tok_file
+
+
+def config_from_meta(meta_dir: str | Path, max_position_embeddings: int = 4096):
+    """The ``LlamaConfig`` a Meta checkpoint folder converts to, without reading its weights."""
+    meta_dir = Path(meta_dir).expanduser()
+    params, sp, _ = _params_and_tokenizer(meta_dir)
+    return llama_config(params, sp, max_position_embeddings, where=meta_dir)
+
+
 def _read_params(meta_dir: Path) -> dict:
     f = meta_dir / "params.json"
     if not f.is_file():
@@ -180,23 +221,12 @@ def convert_meta_checkpoint(
         raise ConfigError(f"meta checkpoint {str(meta_dir)!r}: no such folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"out_dir {str(out_dir)!r}: exists and is not empty (a conversion never overwrites; pick a new folder)")
-    params = _read_params(meta_dir)
+    params, sp, tok_file = _params_and_tokenizer(meta_dir)
     shard_files = _find_shards(meta_dir)
-    tok_file = _find_tokenizer(meta_dir)
-
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tok_file))
     vocab = sp.vocab_size()
-    if params["vocab_size"] not in (-1, vocab):
-        raise ConfigError(f"{meta_dir / 'params.json'}: vocab_size {params['vocab_size']} does not match {tok_file} ({vocab} pieces)")
-
-    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
-    n_kv_heads = params.get("n_kv_heads") or n_heads
-    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
-        raise ConfigError(f"{meta_dir / 'params.json'}: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv_heads}: expected dim divisible by n_heads, n_heads by n_kv_heads, and an even head size")
-    head_dim = dim // n_heads
-    ffn = intermediate_size(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))
+    config = llama_config(params, sp, max_position_embeddings, torch_dtype=DTYPES[dtype], where=meta_dir)
+    dim, n_heads, n_layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    n_kv_heads, head_dim, ffn = config.num_key_value_heads, dim // n_heads, config.intermediate_size
     heads = {"n_heads": n_heads, "n_kv_heads": n_kv_heads}
     layer_shapes = {
         "attention.wq.weight": (dim, dim), "attention.wk.weight": (n_kv_heads * head_dim, dim),
@@ -250,7 +280,7 @@ def convert_meta_checkpoint(
     tmp.mkdir()
     try:
         from safetensors.torch import save_file
-        from transformers import GenerationConfig, LlamaConfig
+        from transformers import GenerationConfig
 
         weight_map, total, n_params, layers_done = {}, 0, 0, -1
         for fname, group in zip(names, files):
@@ -275,15 +305,6 @@ def convert_meta_checkpoint(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
         bos, eos = sp.bos_id(), sp.eos_id()
-        config = LlamaConfig(
-            vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=n_layers,
-            num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, hidden_act="silu",
-            max_position_embeddings=max_position_embeddings, rms_norm_eps=params["norm_eps"],
-            rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False,
-            dtype=torch_dtype,
-        )
-        config.architectures = ["LlamaForCausalLM"]
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
         shutil.copyfile(tok_file, tmp / "tokenizer.model")

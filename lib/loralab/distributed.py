@@ -1,7 +1,9 @@
 """Several GPUs and nodes on PyTorch's own engine: torchrun, DDP, FSDP2.
 
 One process per GPU, launched by ``torchrun`` (``loralab.train_entry``), or by
-``launch()`` here, which ``run_all.py --nproc N`` and notebook 03 call. Each
+``launch()`` here, which ``loralab.train.run_training`` calls when a run has several
+processes (``run_all.py --nproc N``). Every rank runs ``loralab.train.train_on_rank``, the
+same function one process runs alone, and its one loop (``loralab.train.train``). Each
 process reads its rank from torchrun's environment (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), joins the process group (NCCL
 on CUDA, gloo on CPU) and trains its slice of every global batch.
@@ -38,14 +40,12 @@ failure), and ``launch()`` merges the rank records into ``train_result.json`` (s
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -58,7 +58,6 @@ GIB = 2**30
 STRATEGIES = ("ddp", "fsdp")
 OOM_EXIT_CODE = 3
 """Exit status of a rank that ran out of memory alone and could not reach its peers."""
-METRIC_KEYS = ("peak_allocated_gib", "peak_reserved_gib", "peak_active_gib", "device_used_gib")
 
 
 def control_timeout_s() -> float:
@@ -94,15 +93,13 @@ def env_world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def init(device: str = "auto", strategy: str = "ddp", grad_accum: int = 1) -> DistContext:
-    """Join the process group torchrun set up: NCCL on CUDA, gloo on CPU; one GPU per local rank."""
+def init(cfg: RunConfig) -> DistContext:
+    """Join the process group torchrun set up: NCCL on CUDA, gloo on CPU; one GPU per local rank; the
+    strategy resolved (``resolve_strategy``) before any model exists."""
     import torch.distributed as dist
 
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    if grad_accum < 1:
-        raise ConfigError(f"grad_accum={grad_accum}: expected an integer >= 1")
     rank, local_rank, world = env_world()
+    device, grad_accum = cfg.device, cfg.grad_accum
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -112,7 +109,7 @@ def init(device: str = "auto", strategy: str = "ddp", grad_accum: int = 1) -> Di
     else:
         dev = torch.device("cpu")
     ctx = DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev,
-                      strategy=strategy, grad_accum=grad_accum)
+                      strategy=resolve_strategy(cfg, dev), grad_accum=grad_accum)
     if world > 1 or "MASTER_ADDR" in os.environ:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = {"device_id": dev} if dev.type == "cuda" else {}
@@ -136,11 +133,6 @@ def barrier(ctx: DistContext) -> None:
 
 
 # --- models --------------------------------------------------------------------------------
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The transformer blocks (``*DecoderLayer``) of a (peft-wrapped) HF causal LM, in order."""
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-
-
 class LossModule(torch.nn.Module):
     """``forward(batch) -> loss`` as the recipe computes it (``loralab.fast.forward_loss``).
 
@@ -155,15 +147,24 @@ class LossModule(torch.nn.Module):
         self.recipe = recipe
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        try:
-            from loralab.fast import forward_loss
-        except ImportError:  # before the fast recipe's levers existed
-            return self.model(**batch).loss
+        from loralab.fast import forward_loss
+
+        if self.recipe is not None and self.recipe.autocast:  # the study used none; a recipe may ask
+            with torch.autocast(batch["input_ids"].device.type, dtype=getattr(torch, self.recipe.compute_dtype)):
+                return forward_loss(self.model, batch, self.recipe)
         return forward_loss(self.model, batch, self.recipe)
 
 
+def single_process_context(cfg: RunConfig) -> DistContext:
+    """World size 1: the context one process trains in (no process group)."""
+    from loralab.device import resolve_device
+
+    return DistContext(device=resolve_device(cfg.device), grad_accum=cfg.grad_accum)
+
+
 def wrap_model(model, ctx: DistContext, recipe: Recipe | None = None):
-    """DDP or FSDP2 around a PeftModel already on ``ctx.device``; returns a module: ``loss = m(batch)``."""
+    """The module the step calls (``loss = m(batch)``): the PeftModel in a ``LossModule``; with several
+    processes inside DDP, or sharded with FSDP2 (on the meta device or the CPU: sharding moves it)."""
     model = LossModule(model, recipe)
     if ctx.strategy == "ddp":
         if not ctx.enabled:
@@ -183,7 +184,9 @@ def wrap_model(model, ctx: DistContext, recipe: Recipe | None = None):
         # HF's (reentrant) checkpointing, switched to non-reentrant; loralab's own wrapper already is
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    for layer in decoder_layers(model):
+    from loralab.fast import decoder_layers
+
+    for layer in decoder_layers(model.model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -247,176 +250,20 @@ def exchange(ctx: DistContext, values: list[float]) -> list[list[float]]:
     return [o.tolist() for o in out]
 
 
-def _nan(v):
-    return math.nan if v is None else float(v)
+def all_reduce_sum(ctx: DistContext, value: int) -> int:
+    """The sum of an integer over every rank (the control group, CPU); the value itself in one process."""
+    if ctx.control is None:
+        return value
+    import torch.distributed as dist
 
-
-def _none(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, group=ctx.control)
+    return int(t.item())
 
 
 def write_rank_record(out_dir: Path, ctx: DistContext, rec: dict) -> None:
     p = Path(out_dir) / f"rank{ctx.rank}_result.json"
     p.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, **rec}, indent=1))
-
-
-# --- the loop ------------------------------------------------------------------------------
-def train_distributed(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: DistContext,
-                      progress=print, inject_oom: tuple[set[int], int] | None = None) -> dict:
-    """``loralab.train.train`` across ranks: same optimizer, schedule, step log and result file.
-
-    ``model``: the wrapped model (``wrap_model``). ``inject_oom = (ranks, step)`` raises a fake
-    out-of-memory error on those ranks at that step (tests; a real CUDA OOM cannot happen on CPU).
-    Returns the result dict that rank 0 writes to ``train_result.json``.
-    """
-    from loralab.train import MemoryMeter, TrainResult, _sync, free_memory, is_oom, optimizer_setup
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = ctx.device
-    b, W, A = cfg.batch_size, ctx.world_size, ctx.grad_accum
-    G = global_batch_size(b, W, A)
-    spe = steps_per_epoch(len(train_split.rows), b, W, A)
-    if spe == 0:
-        raise ConfigError(f"global batch {G} (batch {b} x {W} GPUs x {A} accumulation): larger than the {len(train_split.rows)} training rows")
-    total = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
-    result = TrainResult(status="ok", batch_size=b, steps_per_epoch=spe, steps_done=0, total_steps=total,
-                         tokens_per_step=G * train_split.seq_len)
-    opt, sched, autocast = optimizer_setup(model, cfg, device)
-    meter = MemoryMeter(device)
-    model.train()
-    log = (out_dir / "steps.jsonl").open("w") if ctx.is_main else None
-    times, tok_s = [], []
-    rank_peaks = [dict() for _ in range(W)]
-    step, oom_ranks, error = 0, [], None
-    if ctx.is_main:
-        progress(f"training on {W} process(es), {ctx.strategy}: batch {b} per GPU x {W} GPUs x {A} accumulation "
-                 f"= global batch {G}, {total} steps ({spe} per epoch), {result.tokens_per_step} tokens per step")
-    barrier(ctx)  # ranks start the first step together (model loading takes different times)
-    t_start = time.perf_counter()
-    done = False
-    for epoch in range(cfg.epochs):
-        for micro in rank_batches(train_split, b, pad_id, ctx.rank, W, A):
-            if step >= total:
-                done = True
-                break
-            ok, loss_sum, n_tokens = 1.0, 0.0, 0
-            meter.reset()
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
-                if inject_oom and ctx.rank in inject_oom[0] and step + 1 == inject_oom[1]:
-                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-                for i, batch in enumerate(micro):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    n_tokens += int(batch["attention_mask"].sum())
-                    # DDP: all-reduce the gradients on the last micro-batch only
-                    # (with static_graph, i.e. reentrant checkpointing, DDP cannot skip a sync: it
-                    # all-reduces every micro-batch, the same average at a small cost for LoRA grads)
-                    sync = (model.no_sync() if ctx.strategy == "ddp" and ctx.enabled and i < A - 1
-                            and not getattr(model, "static_graph", False) else contextlib.nullcontext())
-                    if ctx.strategy == "fsdp" and ctx.enabled:
-                        model.set_requires_gradient_sync(i == A - 1)
-                    with sync:
-                        with autocast:
-                            loss = model(batch) / A  # the logits are freed inside (never held to backward)
-                        loss.backward()
-                    loss_sum += float(loss.detach())
-                    loss = None
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                _sync(device)
-            except Exception as exc:  # noqa: BLE001 - only OOM is a result
-                if not is_oom(exc):
-                    raise
-                ok, error = 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                loss = None
-                opt.zero_grad(set_to_none=True)
-                free_memory(device)
-                write_rank_record(out_dir, ctx, {"status": "oom", "at_step": step + 1, "error": error, **meter.now()})
-            dt = time.perf_counter() - t0
-            mem = meter.read()
-            try:
-                rows = exchange(ctx, [ok, loss_sum, dt, n_tokens] + [_nan(mem[k]) for k in METRIC_KEYS])
-            except Exception:  # noqa: BLE001 - a peer is stuck in a collective this rank left
-                if ok:
-                    raise
-                if log:
-                    log.close()
-                progress(f"rank {ctx.rank}: out of memory at step {step + 1}; peers unreachable, exiting")
-                os._exit(OOM_EXIT_CODE)  # torchrun's agent stops the other workers
-            oom_ranks = [r for r, row in enumerate(rows) if row[0] == 0]
-            if oom_ranks:
-                result.status = "oom"
-                result.error = error or f"out of memory on rank(s) {oom_ranks}"
-                result.oom_memory = {"at_step": step + 1, "ranks": oom_ranks, **meter.now()}
-                if ctx.is_main:
-                    progress(f"out of memory at step {step + 1} on rank(s) {oom_ranks}: every rank stops")
-                done = True
-                break
-            step += 1
-            lv = sum(r[1] for r in rows) / W
-            dt_max = max(r[2] for r in rows)
-            tokens = int(sum(r[3] for r in rows))
-            per_rank = [{"rank": r, "loss": row[1], "step_time_s": row[2],
-                         **{k: _none(v) for k, v in zip(METRIC_KEYS, row[4:])}} for r, row in enumerate(rows)]
-            for r, pr in enumerate(per_rank):
-                for k in METRIC_KEYS:
-                    if pr[k] is not None:
-                        rank_peaks[r][k] = max(rank_peaks[r].get(k, 0.0), pr[k])
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"loss is {lv} at step {step}")
-            times.append(dt_max)
-            result.losses.append(lv)
-            result.steps_done = step
-            if ctx.is_main:
-                worst = {k: max((pr[k] for pr in per_rank if pr[k] is not None), default=None) for k in METRIC_KEYS}
-                rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"], "tokens": tokens,
-                       "tokens_per_s": tokens / dt_max, "tokens_per_s_per_gpu": tokens / dt_max / W,
-                       "step_time_s": dt_max, "elapsed_s": time.perf_counter() - t_start,
-                       "world_size": W, "per_gpu_batch_size": b, "grad_accum": A, "global_batch_size": G,
-                       **worst, "ranks": per_rank}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if step == 1 or step == total or step % (cfg.log_every or max(1, total // 20)) == 0:
-                    progress(f"step {step}/{total}  loss {lv:.4f}  {tokens / dt_max:,.0f} tok/s "
-                             f"({tokens / dt_max / W:,.0f} per GPU)  {dt_max:.2f} s/step"
-                             + (f"  peak reserved per GPU {[round(p['peak_reserved_gib'], 2) for p in per_rank]} GiB"
-                                if worst["peak_reserved_gib"] is not None else ""))
-        if done or step >= total:
-            break
-        sched.step()  # StepLR once per epoch, as llama-recipes
-    if log:
-        log.close()
-
-    # --- finish (every rank: the FSDP adapter gather is a collective)
-    for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_active_gib"):
-        vals = [p[k] for p in rank_peaks if k in p]
-        setattr(result, k, max(vals) if vals else None)
-    dev = [p["device_used_gib"] for p in rank_peaks if "device_used_gib" in p]
-    result.peak_device_used_gib = max(dev) if dev else None
-    if times:
-        steady = times[2:] if len(times) > 4 else times
-        result.step_time_s = sum(steady) / len(steady)
-        result.tokens_per_s = result.tokens_per_step / result.step_time_s
-        result.final_loss = result.losses[-1]
-        if step >= spe:
-            result.epoch_time_s, result.epoch_time_kind = sum(times[:spe]), "measured"
-        else:
-            result.epoch_time_s = result.step_time_s * spe
-            result.epoch_time_kind = f"extrapolated from {len(steady)} steps"
-    if result.status == "ok":
-        save_adapter(model, ctx, out_dir / "adapter")
-        result.adapter_dir = str(out_dir / "adapter")
-    out = result.to_dict()
-    out.update({"world_size": W, "strategy": ctx.strategy, "per_gpu_batch_size": b, "grad_accum": A,
-                "global_batch_size": G,
-                "tokens_per_s_per_gpu": None if result.tokens_per_s is None else result.tokens_per_s / W,
-                "rank_status": ["oom" if r in oom_ranks else "ok" for r in range(W)],
-                "per_rank": [{"rank": r, **{k: p.get(k) for k in METRIC_KEYS}} for r, p in enumerate(rank_peaks)]})
-    if ctx.is_main:
-        (out_dir / "train_result.json").write_text(json.dumps(out, indent=1))
-    return out
 
 
 # --- memory --------------------------------------------------------------------------------
@@ -444,7 +291,8 @@ def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_
       under-predicted by 6.7 %; see benchmarks/results/distributed_*.md.
     Returns a ``MemoryBreakdown`` (same ``total`` / ``reserved`` / ``allocated`` semantics).
     """
-    from loralab.memory import Shape, predict_peak
+    from loralab.memory import predict_peak
+    from loralab.shape import ModelShape
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -458,7 +306,7 @@ def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_
     if strategy == "ddp":
         bd.add("ddp_gradient_buckets", bd.terms["lora_gradients"], "DDP buckets: a flat copy of the LoRA gradients")
         return _reapply_overhead(bd)
-    s = Shape.of(model_config)
+    s = ModelShape.of(model_config)
     weights = {k: v for k, v in bd.terms.items() if k.startswith("weights")}
     w_total = sum(weights.values())
     n_other = s.V * s.H * (1 if s.tied else 2) + s.H  # embeddings, LM head, final norm: the root group
@@ -498,73 +346,63 @@ def choose_strategy(model_config, recipe: Recipe, batch_size: int, seq_len: int,
     return "ddp" if need <= capacity_gib * GIB else "fsdp"
 
 
+def resolve_strategy(cfg: RunConfig, device: torch.device) -> str:
+    """The run's strategy: "auto" is DDP when the memory model says a replica fits the card (or the cap), else
+    FSDP; quantized recipes and CPUs always DDP."""
+    from loralab.shape import model_config
+
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    if device.type != "cuda" or cfg.recipe.quantization != "none":
+        return "ddp"
+    cap = cfg.gpu_memory_gib or torch.cuda.get_device_properties(device).total_memory / GIB
+    return choose_strategy(model_config(cfg.model), cfg.recipe, cfg.batch_size, cfg.seq_len, cfg.world_size, cap,
+                           allocator_cap=cfg.gpu_memory_gib is not None)
+
+
 # --- launching -----------------------------------------------------------------------------
-@dataclass
-class LaunchArgs:
-    """How to start the ranks: torchrun's own options, passed through."""
-
-    nproc: int = 1
-    """Processes (GPUs) on this node."""
-    strategy: str = "auto"
-    """"ddp", "fsdp" or "auto" (the memory model decides)."""
-    grad_accum: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    timeout_s: float | None = None
-    """Kill the launch after this long (None: no limit)."""
-
-    def __post_init__(self) -> None:
-        if self.nproc < 1:
-            raise ConfigError(f"nproc={self.nproc}: expected an integer >= 1")
-        if self.strategy not in STRATEGIES + ("auto",):
-            raise ConfigError(f"strategy={self.strategy!r}: expected ddp, fsdp or auto")
-        if self.grad_accum < 1:
-            raise ConfigError(f"grad_accum={self.grad_accum}: expected an integer >= 1")
-        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
-            raise ConfigError(f"nnodes={self.nnodes}, node_rank={self.node_rank}: expected nnodes >= 1 and 0 <= node_rank < nnodes")
-
-
-def torchrun_command(cfg: RunConfig, out_dir: Path, la: LaunchArgs, extra: list[str] | None = None) -> list[str]:
+def torchrun_command(cfg: RunConfig, out_dir: Path, extra: list[str] | None = None) -> list[str]:
     """The torchrun command line (static rendezvous on master_addr:master_port)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={la.nproc}",
-            f"--nnodes={la.nnodes}", f"--node-rank={la.node_rank}", f"--master-addr={la.master_addr}",
-            f"--master-port={la.master_port}", "-m", "loralab.train_entry",
-            "--config-json", json.dumps(cfg.to_dict()), "--out-dir", str(out_dir),
-            "--strategy", la.strategy, "--grad-accum", str(la.grad_accum)] + list(extra or [])
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
+            f"--nnodes={cfg.nnodes}", f"--node-rank={cfg.node_rank}", f"--master-addr={cfg.master_addr}",
+            f"--master-port={cfg.master_port}", "-m", "loralab.train_entry",
+            "--config-json", json.dumps(cfg.to_dict()), "--out-dir", str(out_dir)] + list(extra or [])
 
 
-def merge_rank_records(out_dir: Path, world_size: int | None = None) -> dict | None:
-    """When rank 0 could not write ``train_result.json`` (a rank died alone), build it from rank records."""
+def merge_rank_records(out_dir: Path, cfg: RunConfig):
+    """When rank 0 could not write ``train_result.json`` (a rank died alone), the result from the rank records."""
+    from loralab.train import TrainResult
+
     out_dir = Path(out_dir)
     recs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*_result.json"))]
     if not recs:
         return None
-    W = world_size or recs[0].get("world_size", len(recs))
     oom = [r for r in recs if r.get("status") == "oom"]
     first = min(oom, key=lambda r: r["at_step"]) if oom else recs[0]
     steps = [json.loads(l) for l in (out_dir / "steps.jsonl").read_text().splitlines()] if (out_dir / "steps.jsonl").exists() else []
-    return {"status": "oom" if oom else "error", "batch_size": None, "steps_done": len(steps),
-            "losses": [s["loss"] for s in steps], "error": first.get("error"),
-            "oom_memory": {"at_step": first.get("at_step"), "ranks": [r["rank"] for r in oom]},
-            "world_size": W, "rank_status": ["oom" if any(r["rank"] == i for r in oom) else "stopped by torchrun"
-                                             for i in range(W)],
-            "merged_from_rank_records": True}
+    return TrainResult(status="oom" if oom else "error", batch_size=cfg.batch_size, steps_done=len(steps),
+                       losses=[s["loss"] for s in steps], error=first.get("error"),
+                       oom_memory={"at_step": first.get("at_step"), "ranks": [r["rank"] for r in oom]},
+                       world_size=cfg.world_size, grad_accum=cfg.grad_accum, global_batch_size=cfg.global_batch_size,
+                       rank_status=["oom" if any(r["rank"] == i for r in oom) else "stopped by torchrun"
+                                    for i in range(cfg.world_size)])
 
 
-def launch(cfg: RunConfig, out_dir: Path, la: LaunchArgs, progress=print, extra: list[str] | None = None,
-           env: dict | None = None) -> dict:
-    """Run ``loralab.train_entry`` under torchrun; return this node's train_result (merged if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = torchrun_command(cfg, out_dir, la, extra)
-    progress("launching: torchrun " + " ".join(cmd[3:cmd.index("--config-json")]) + " ...")
-    e = {**os.environ, **(env or {})}
-    e.setdefault("OMP_NUM_THREADS", "1")
+def launch(cfg: RunConfig, out_dir: Path, progress=print, extra: list[str] | None = None, env: dict | None = None,
+           timeout_s: float | None = None):
+    """Train ``cfg`` (one batch size) under torchrun: every rank runs ``loralab.train.train_on_rank``.
+    Returns this node's ``TrainResult`` (merged from the rank records when a rank died alone)."""
     import signal
     import threading
 
+    from loralab.train import TrainResult
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = torchrun_command(cfg, out_dir, extra)
+    progress("launching: torchrun " + " ".join(cmd[3:cmd.index("--config-json")]) + " ...")
+    e = {**os.environ, **(env or {})}
+    e.setdefault("OMP_NUM_THREADS", "1")
     with (out_dir / "torchrun.log").open("w") as logf:
         # own session: on a timeout the whole tree (torchrun and its workers) is ended by its group id
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
@@ -580,20 +418,19 @@ def launch(cfg: RunConfig, out_dir: Path, la: LaunchArgs, progress=print, extra:
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
-            rc = proc.wait(timeout=la.timeout_s)
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
-            logf.write(f"[loralab] launch killed after {la.timeout_s} s\n")
+            logf.write(f"[loralab] launch killed after {timeout_s} s\n")
         reader.join(timeout=10)
-    res_path = out_dir / "train_result.json"
-    res = json.loads(res_path.read_text()) if res_path.exists() and la.node_rank == 0 else None
+    res = TrainResult.load(out_dir) if cfg.node_rank == 0 else None
     if res is None:
-        res = merge_rank_records(out_dir, la.nproc * la.nnodes)
+        res = merge_rank_records(out_dir, cfg)
         if res is None:
             tail = (out_dir / "torchrun.log").read_text().splitlines()[-5:]
-            res = {"status": "error" if rc else "ok", "error": f"torchrun exited {rc}: " + " | ".join(tail)}
-        if la.node_rank == 0:
-            res_path.write_text(json.dumps(res, indent=1))
-    res["torchrun_returncode"] = rc
+            res = TrainResult(status="error" if rc else "ok", batch_size=cfg.batch_size, world_size=cfg.world_size,
+                              error=f"torchrun exited {rc}: " + " | ".join(tail))
+        if cfg.node_rank == 0:
+            res.save(out_dir)
     return res

@@ -43,50 +43,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from loralab.config import ConfigError, Recipe
+from loralab.shape import ModelShape
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes that set a Llama model's FLOPs."""
-
-    hidden: int
-    intermediate: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab: int
-    head_dim: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
-        """From a ``transformers.LlamaConfig`` (or anything with its attribute names)."""
-        h = config.hidden_size
-        nh = config.num_attention_heads
-        hd = getattr(config, "head_dim", None) or h // nh
-        return cls(
-            hidden=h,
-            intermediate=config.intermediate_size,
-            n_layers=config.num_hidden_layers,
-            n_heads=nh,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or nh,
-            vocab=config.vocab_size,
-            head_dim=hd,
-        )
-
-    def linear_dims(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear in one decoder layer."""
-        h, f, qd, kvd = self.hidden, self.intermediate, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return {
-            "q_proj": (h, qd), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (qd, h),
-            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h),
-        }
-
-    def n_params(self) -> int:
-        """Base parameters (embedding + layers + norms + untied LM head)."""
-        lin = sum(i * o for i, o in self.linear_dims().values())
-        return 2 * self.vocab * self.hidden + self.n_layers * (lin + 2 * self.hidden) + self.hidden
 
 
 @dataclass(frozen=True)
@@ -174,9 +133,9 @@ def lora_step_flops(
     if bad:
         raise ConfigError(f"lora_targets={sorted(bad)}: expected names from {', '.join(LINEARS)}")
     T = batch_size * seq_len
-    dims = shape.linear_dims()
+    dims = shape.linears()
     # one (b*h) x s x s x d_head attention matmul
-    att_mm = 2 * batch_size * shape.n_heads * seq_len * seq_len * shape.head_dim
+    att_mm = 2 * batch_size * shape.nh * seq_len * seq_len * shape.hd
     if causal_attention_discount:
         att_mm //= 2
 
@@ -184,7 +143,7 @@ def lora_step_flops(
                attn_kernel_recompute=0)
     layer_fwd = 0
     x_grad = input_requires_grad  # does this layer's input (the residual stream) require grad?
-    for _ in range(shape.n_layers):
+    for _ in range(shape.L):
         fwd0 = sum(tot[k] for k in ("frozen_fwd", "lora_fwd", "attn_fwd"))
         out_grad: dict[str, bool] = {}
 
@@ -221,7 +180,7 @@ def lora_step_flops(
         x_grad = x_grad or out_grad["down_proj"]
         layer_fwd += sum(tot[k] for k in ("frozen_fwd", "lora_fwd", "attn_fwd")) - fwd0
 
-    head = 2 * T * shape.hidden * shape.vocab
+    head = 2 * T * shape.H * shape.V
     return StepFlops(
         **tot,
         head_fwd=head,
@@ -250,7 +209,7 @@ def recipe_step_flops(
     if input_requires_grad is None:
         input_requires_grad = recipe.gradient_checkpointing == "full"
     return lora_step_flops(
-        ModelShape.from_config(config),
+        ModelShape.of(config),
         batch_size=batch_size,
         seq_len=seq_len,
         lora_r=recipe.lora_r,

@@ -44,6 +44,12 @@ Where the activation terms come from (transformers 5 ``modeling_llama.py``, read
                    saved output that is 12V per token at once.  Labels are shifted by padding
                    (transformers >= 4.5x), so no shifted-logits copy.  The training loop drops
                    ``outputs`` (and the logits) before backward (``loralab.train``).
+  chunked CE       (``cross_entropy="chunked"``, loralab.fast): the LM head and the loss run over chunks of
+                   c = ``ce_chunk_tokens`` tokens and the gradient of the hidden states is computed in the
+                   forward. Alive at the loss: the final norm's output (aH per token, the chunks' input),
+                   that gradient (aH per token, kept for backward), and one chunk's logits: bf16 matmul
+                   output + its fp32 copy, then the fp32 softmax + its bf16 copy (6 V bytes per chunk token).
+                   No T x V tensor is ever alive; backward scales the stored gradient (a second aH).
 
 Gradient checkpointing (``loralab.model.enable_checkpointing``: reentrant, as the study):
   each decoder layer keeps only its input (aH per token); in backward the top layer is
@@ -64,22 +70,21 @@ Reserved vs allocated depends on the allocator mode (``Recipe.allocator``, loral
   are released and the allocation retried).
 
 Calibration: the constants below are physical terms with one value for every recipe and batch size, each set
-calibrated once on an H200 sweep (``CALIBRATION``, ``EXPANDABLE_CALIBRATION``). ``benchmarks/memory_model_check.py``
-compares the current model with the committed measurements. Independent check (memory_model_check_H200_20261130-
-loralab.md, sweeps measured after both calibrations, constants unchanged): as loralab runs each recipe, 25 / 25
-rows within 5 % of measured reserved (largest |error| 3.6 %) and the largest batch under a 40 GiB cap right for
-all 5 recipes. Under the caching allocator, seed-sdpa's reserved peak is under-predicted by up to 7.5 % and
-varies ~3 % run to run (bs 16: 49.10, 50.64, 50.44 GiB for the same 39.64 allocated); its largest batch under
-40 GiB was 11 in one run and 12 in another (the model: 13). With expandable segments: within 0.6 %, and 16.
+calibrated once on a GPU sweep (``CALIBRATION``, ``EXPANDABLE_CALIBRATION``). ``benchmarks/memory_model_check.py``
+compares the current model with the committed measurements (benchmarks/results/memory_model_check_*.md).
+
+Not modelled: Liger's kernels (``liger`` on, or its fused linear cross-entropy): ``predict_peak`` says so
+(ConfigError) instead of guessing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 from loralab.config import ConfigError, Recipe
+from loralab.shape import ModelShape
 
 GIB = 2**30
 GB = 10**9
@@ -90,11 +95,6 @@ CUDA_CONTEXT_GIB = 0.5
 torch 2.x: device memory used that PyTorch's allocator does not see (nvidia-smi minus
 torch.cuda.memory_reserved). Counts against a real card, not against an allocator cap set with
 torch.cuda.set_per_process_memory_fraction."""
-ALLOCATOR_OVERHEAD_FRACTION = 0.0
-"""Superseded (was 2 % of the peak): the H200 sweep showed reserved - allocated grows with the batch's
-activation blocks, not with the whole peak (weights are allocated once, in few large segments). Kept at 0
-for callers that still read it (loralab.distributed); the allocator terms are now FRAG_LOSS_FRACTION,
-FRAG_LAYER_FRACTION and ALLOCATOR_FIXED_GIB."""
 ALLOCATOR_FIXED_GIB = 0.56
 """Fixed allocator-visible extras: cuBLAS workspaces (``:4096:8`` = 32 MiB per handle on Hopper), rounding
 of every segment to 2 MiB (>1 MiB requests) and of 1-10 MiB requests to 20 MiB segments
@@ -159,69 +159,6 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}
 """AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW) keeps exp_avg and exp_avg_sq per parameter."""
 
 
-# --- the model shape -----------------------------------------------------------------------
-def preset_config(name: str):
-    """The LlamaConfig of a preset; uses ``loralab.model.preset_config`` (no weights are loaded)."""
-    from loralab.model import preset_config as _preset
-
-    return _preset(name)
-
-
-@dataclass(frozen=True)
-class Shape:
-    H: int
-    I: int
-    L: int
-    V: int
-    nh: int
-    nkv: int
-    hd: int
-    tied: bool
-
-    @property
-    def Hq(self) -> int:
-        return self.nh * self.hd
-
-    @property
-    def Hkv(self) -> int:
-        return self.nkv * self.hd
-
-    @classmethod
-    def of(cls, cfg) -> "Shape":
-        nh = cfg.num_attention_heads
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-        return cls(H=cfg.hidden_size, I=cfg.intermediate_size, L=cfg.num_hidden_layers,
-                   V=cfg.vocab_size, nh=nh, nkv=getattr(cfg, "num_key_value_heads", None) or nh,
-                   hd=hd, tied=bool(getattr(cfg, "tie_word_embeddings", False)))
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear in one decoder layer."""
-        return {"q_proj": (self.H, self.Hq), "k_proj": (self.H, self.Hkv), "v_proj": (self.H, self.Hkv),
-                "o_proj": (self.Hq, self.H), "gate_proj": (self.H, self.I), "up_proj": (self.H, self.I),
-                "down_proj": (self.I, self.H)}
-
-    def layer_linear_params(self) -> int:
-        return sum(i * o for i, o in self.linears().values())
-
-    def total_params(self) -> int:
-        emb = self.V * self.H
-        return emb * (1 if self.tied else 2) + self.L * (self.layer_linear_params() + 2 * self.H) + self.H
-
-
-def param_count(model_config) -> int:
-    """All parameters: embeddings + LM head (untied) + L * (linears + 2 norms) + final norm.
-    Llama-2-7B: 6,738,415,616."""
-    return Shape.of(model_config).total_params()
-
-
-def lora_param_count(model_config, recipe: Recipe) -> int:
-    """LoRA parameters: sum over layers and target linears of r * (in + out)  (Hu et al. 2021: A is
-    r x in, B is out x r). Llama-2-7B, r = 8 on q_proj and v_proj: 32 * 2 * 8 * (4096 + 4096) = 4,194,304."""
-    s = Shape.of(model_config)
-    lin = s.linears()
-    return s.L * sum(recipe.lora_r * (lin[t][0] + lin[t][1]) for t in recipe.lora_targets)
-
-
 # --- the breakdown -----------------------------------------------------------------------------
 @dataclass
 class MemoryBreakdown:
@@ -253,6 +190,11 @@ class MemoryBreakdown:
     def allocated(self) -> int:
         """What torch.cuda.max_memory_allocated should show, bytes."""
         return self.reserved - self.terms.get("allocator_overhead", 0)
+
+    def need(self, allocator_cap: bool) -> float:
+        """Bytes that must fit: under an allocator cap (``--gpu-memory-gib``) the reserved peak as the capped
+        allocator keeps it (``info["reserved_under_cap"]``); on a whole card, device memory (``total``)."""
+        return self.info["reserved_under_cap"] if allocator_cap else self.total
 
     def gib(self, name: str | None = None) -> float:
         return (self.total if name is None else self.terms.get(name, 0)) / GIB
@@ -286,7 +228,7 @@ def activation_bytes(recipe: Recipe) -> int:
 
 def weight_terms(model_config, recipe: Recipe) -> dict[str, tuple[int, str]]:
     """Frozen base weights: {name: (bytes, source)}."""
-    s = Shape.of(model_config)
+    s = ModelShape.of(model_config)
     n_lin = s.L * s.layer_linear_params()
     n_rows = s.L * sum(o for _, o in s.linears().values())  # output features: one scale each
     n_blocks = -(-n_lin // NF4_BLOCK)
@@ -310,7 +252,7 @@ def weights_bytes(model_config, recipe: Recipe) -> int:
 
 
 # --- activations: per-token bytes of one decoder layer ----------------------------------------
-def _layer_saved(s: Shape, recipe: Recipe, S: int, device: str) -> dict[str, dict[str, float]]:
+def _layer_saved(s: ModelShape, recipe: Recipe, S: int, device: str) -> dict[str, dict[str, float]]:
     """Saved tensors of one decoder layer, per token, grouped by the backward phase that frees them.
 
     Keys are tensor names: one tensor saved by two ops is one key (memory is shared).
@@ -322,7 +264,7 @@ def _layer_saved(s: Shape, recipe: Recipe, S: int, device: str) -> dict[str, dic
     # LoRA matmul dtype: peft get_peft_model(autocast_adapter_dtype=True) keeps adapters fp32 and casts
     # the input to fp32 (a T x d_in copy); loralab.fast's lora_matmul_dtype="input" casts the adapter
     # weights to the input's dtype instead (no copy).
-    la = a if getattr(recipe, "lora_matmul_dtype", "adapter") == "input" else 4
+    la = a if recipe.lora_matmul_dtype == "input" else 4
     if _compiled(recipe, device):
         return _layer_saved_compiled(s, recipe, device)
     # A frozen nn.Linear needs only W for grad_input: it saves no activation. bnb MatMul8bitLt keeps
@@ -396,11 +338,10 @@ def _layer_saved(s: Shape, recipe: Recipe, S: int, device: str) -> dict[str, dic
 
 def _compiled(recipe: Recipe, device: str) -> bool:
     """loralab.fast: compile="on", or "auto" on CUDA (regional torch.compile of each decoder layer)."""
-    c = getattr(recipe, "compile", "off")
-    return c == "on" or (c == "auto" and device == "cuda")
+    return recipe.compile == "on" or (recipe.compile == "auto" and device == "cuda")
 
 
-def _layer_saved_compiled(s: Shape, recipe: Recipe, device: str) -> dict[str, dict[str, float]]:
+def _layer_saved_compiled(s: ModelShape, recipe: Recipe, device: str) -> dict[str, dict[str, float]]:
     """Saved tensors per token of one ``torch.compile``-d decoder layer (loralab.fast, regional compile).
 
     Inductor's min-cut partitioner (torch._functorch.partitioners.min_cut_rematerialization_partition)
@@ -437,11 +378,11 @@ def _sum(d: dict[str, float]) -> float:
 
 def layer_saved_bytes_per_token(model_config, recipe: Recipe, seq_len: int, device: str = "cuda") -> float:
     """Bytes autograd keeps per token for one decoder layer without checkpointing (includes its input)."""
-    g = _layer_saved(Shape.of(model_config), recipe, seq_len, device)
+    g = _layer_saved(ModelShape.of(model_config), recipe, seq_len, device)
     return sum(_sum(v) for v in g.values())
 
 
-def _dequant_transient(s: Shape, recipe: Recipe) -> int:
+def _dequant_transient(s: ModelShape, recipe: Recipe) -> int:
     """Largest weight copy made in a base linear's backward (absolute bytes).
     int8: ``CB.to(dtype_A, copy=True)`` (fp32 under the seed recipe); nf4: dequantize_4bit in compute dtype."""
     big = max(i * o for i, o in s.linears().values())
@@ -452,7 +393,7 @@ def _dequant_transient(s: Shape, recipe: Recipe) -> int:
     return 0
 
 
-def _layer_backward_peak(s: Shape, recipe: Recipe, S: int, device: str, ckpt_shared: float) -> tuple[float, str]:
+def _layer_backward_peak(s: ModelShape, recipe: Recipe, S: int, device: str, ckpt_shared: float) -> tuple[float, str]:
     """Per-token bytes of the top layer at the worst moment of its backward (saved + grads in flight),
     minus ``ckpt_shared`` (the part of its saved input that is the checkpoint itself)."""
     a = activation_bytes(recipe)
@@ -483,22 +424,35 @@ def _layer_backward_peak(s: Shape, recipe: Recipe, S: int, device: str, ckpt_sha
     return (mlp, "top layer backward, MLP") if mlp >= attn else (attn, "top layer backward, attention")
 
 
-def _head_terms(s: Shape, recipe: Recipe) -> dict[str, float]:
-    """Per-token bytes around the LM head and loss."""
+FINAL_NORM_SAVED = "final RMSNorm saves (fp32 input + rsqrt)"
+
+
+def _loss_terms(s: ModelShape, recipe: Recipe, T: int, keep_logits: bool) -> dict[str, Any]:
+    """Bytes alive at the loss forward and backward beyond the final norm's saved tensors, the loss's large
+    transient blocks (what the allocator terms scale), and where each comes from. T tokens in the step."""
     a = activation_bytes(recipe)
-    lh = _unquantized_bytes(recipe)  # lm_head weight dtype = logits dtype
     V = s.V
-    # last layer's output as fp32 (the output itself when a = 4, else a copy) + rsqrt; the frozen
-    # LM head saves no input. With checkpointing the last layer's output is not a checkpoint.
-    final_norm = 4 * s.H + 4
-    return {
-        "final_norm": final_norm,
-        "logits": lh * V,
-        "logits_float_copy": 4 * V if lh != 4 else 0,
-        "log_softmax_out": 4 * V,
-        "grad_log_softmax": 4 * V,
-        "grad_logits": 4 * V,
-    }
+    if recipe.cross_entropy == "chunked":
+        c = min(recipe.ce_chunk_tokens, T)
+        chunk = 6 * V * c  # bf16 logits + fp32 copy, then fp32 softmax + bf16 copy, one chunk at a time
+        return {"forward": 2 * a * s.H * T + chunk, "backward": 2 * a * s.H * T, "blocks": chunk,
+                "forward_src": f"chunked CE: final norm output + grad of the hidden states (2aH per token) + one "
+                               f"chunk's logits (6V x {c} tokens)",
+                "backward_src": "chunked CE: the stored grad of the hidden states and its scaled copy (2aH per token)"}
+    lh = _unquantized_bytes(recipe)  # lm_head weight dtype = logits dtype
+    logits = lh * V
+    float_copy = 4 * V if lh != 4 else 0
+    # HF ForCausalLMLoss: logits.float(), log_softmax saves its fp32 output; in backward nll_loss's dense grad
+    # and log_softmax's grad of the logits are alive with that output: 12V per token at once.
+    bwd = 12 * V + (logits if keep_logits else 0)
+    return {"forward": (logits + float_copy + 4 * V) * T, "backward": bwd * T, "blocks": bwd * T,
+            "forward_src": f"logits + fp32 copy + log_softmax out: V = {V}",
+            "backward_src": f"log_softmax out + grad of it + grad of logits (12V per token in fp32): V = {V}"}
+
+
+def _models_liger(recipe: Recipe, device: str) -> bool:
+    return (recipe.liger == "on" or recipe.cross_entropy == "liger"
+            or (recipe.liger == "auto" and device == "cuda" and not _compiled(recipe, device)))
 
 
 def predict_peak(
@@ -523,7 +477,10 @@ def predict_peak(
         raise ConfigError(f"batch_size={batch_size}, seq_len={seq_len}: expected integers >= 1")
     if optimizer not in OPTIMIZER_STATES:
         raise ConfigError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZER_STATES)}")
-    s = Shape.of(model_config)
+    if _models_liger(recipe, device):
+        raise ConfigError(f"recipe {recipe.name!r}: the memory model does not cover Liger's kernels; measure it "
+                          f"(autobatch's measured step) instead")
+    s = ModelShape.of(model_config)
     B, S = batch_size, seq_len
     T = B * S
     a = activation_bytes(recipe)
@@ -534,24 +491,21 @@ def predict_peak(
 
     for name, (b, src) in weight_terms(model_config, recipe).items():
         bd.add(name, b, src)
-    n_lora = lora_param_count(model_config, recipe)
+    n_lora = ModelShape.of(model_config).lora_params(recipe)
     bd.add("lora_adapter", 4 * n_lora, f"{n_lora:,} LoRA params x 4 B (fp32: peft autocast_adapter_dtype)")
     bd.add("lora_gradients", 4 * n_lora, f"{n_lora:,} x 4 B, one grad per trainable param")
     k = OPTIMIZER_STATES[optimizer]
     bd.add("optimizer_states", 4 * k * n_lora, f"{optimizer}: {k} fp32 states (exp_avg, exp_avg_sq) x {n_lora:,}")
 
     # held all step: eager additive mask, RoPE cos/sin, ids/labels
-    held_const = 0.0
     if recipe.attn_implementation == "eager":
         bd.add("attention_mask", B * S * S * a, f"eager 4-D causal mask B*S*S*{a} B (create_causal_mask)")
     bd.add("small_buffers", 2 * S * s.hd * a + 2 * T * 8, "RoPE cos/sin 2*S*hd*a + input_ids/labels int64")
 
     g = _layer_saved(s, recipe, S, device)
     layer_full = sum(_sum(v) for v in g.values())
-    head = _head_terms(s, recipe)
-    head_saved = head["final_norm"]
-    loss_fwd = head["logits"] + head["logits_float_copy"] + head["log_softmax_out"]
-    loss_bwd = head["log_softmax_out"] + head["grad_log_softmax"] + head["grad_logits"] + (head["logits"] if keep_logits else 0)
+    head_saved = (4 * s.H + 4) * T  # the last layer's output as fp32 (a copy when a = 2) + rsqrt; the LM head saves no input
+    loss = _loss_terms(s, recipe, T, keep_logits)
 
     if ckpt:
         shared = 4 * s.H if a == 4 else 0.0  # the recomputed layer's fp32 input is the checkpoint
@@ -562,33 +516,32 @@ def predict_peak(
             held += leak
         layer_peak, layer_phase = _layer_backward_peak(s, recipe, S, device, shared)
         phases = {
-            "loss forward": head_saved + loss_fwd,
-            "loss backward": head_saved + loss_bwd,
-            layer_phase: layer_peak,
+            "loss forward": head_saved + loss["forward"],
+            "loss backward": head_saved + loss["backward"],
+            layer_phase: layer_peak * T,
         }
     else:
         held = s.L * layer_full
         held_src = f"saved activations, all layers: L*T*{layer_full:,.0f} B/token/layer"
         layer_peak, layer_phase = _layer_backward_peak(s, recipe, S, device, 0.0)
         phases = {
-            "loss forward": head_saved + loss_fwd,
-            "loss backward": head_saved + loss_bwd,
-            layer_phase: layer_peak - layer_full,  # the top layer's saved part is already in `held`
+            "loss forward": head_saved + loss["forward"],
+            "loss backward": head_saved + loss["backward"],
+            layer_phase: (layer_peak - layer_full) * T,  # the top layer's saved part is already in `held`
         }
     phase = max(phases, key=phases.get)
     bd.phase = phase
     bd.add("activations_held", held * T, held_src)
     if phase.startswith("top layer"):
-        extra = phases[phase] * T + _dequant_transient(s, recipe)
+        extra = phases[phase] + _dequant_transient(s, recipe)
         bd.add("layer_backward", extra, f"{'recomputed ' if ckpt else ''}top layer saved tensors + grads in flight ({phase}) + dequantized weight copy")
         bd.add("logits_and_loss", 0, "freed before the layers' backward")
     else:
-        bd.add("final_norm_lm_head_input", head_saved * T, "final RMSNorm saves + LM head input")
-        src = ("logits + fp32 copy + log_softmax out" if phase == "loss forward"
-               else "log_softmax out + grad of it + grad of logits (12V per token in fp32)")
-        bd.add("logits_and_loss", phases[phase] * T - head_saved * T, f"{src}: V = {s.V}")
+        bd.add("final_norm_lm_head_input", head_saved, FINAL_NORM_SAVED)
+        bd.add("logits_and_loss", phases[phase] - head_saved,
+               loss["forward_src"] if phase == "loss forward" else loss["backward_src"])
     allocated = bd.total
-    loss_bytes = phases["loss backward"] * T
+    loss_bytes = head_saved + loss["blocks"]  # as calibrated: the loss's blocks with the final norm's
     if recipe.allocator == "expandable":
         frag_loss = EXPANDABLE_LOSS_FRACTION * loss_bytes
         bd.add("allocator_overhead", EXPANDABLE_FIXED_GIB * GIB + frag_loss,
@@ -601,7 +554,7 @@ def predict_peak(
         layer_bytes = _layer_backward_peak(s, recipe, S, device, 0.0)[0] * T
         frag_loss = FRAG_LOSS_FRACTION * loss_bytes
         frag_layer = FRAG_LAYER_FRACTION * layer_bytes
-        bd.add("allocator_overhead", ALLOCATOR_OVERHEAD_FRACTION * allocated + ALLOCATOR_FIXED_GIB * GIB + frag_loss + frag_layer,
+        bd.add("allocator_overhead", ALLOCATOR_FIXED_GIB * GIB + frag_loss + frag_layer,
                f"caching allocator: {FRAG_LOSS_FRACTION} x loss-backward blocks ({loss_bytes / GIB:.2f} GiB) + "
                f"{FRAG_LAYER_FRACTION} x top-layer backward working set ({layer_bytes / GIB:.2f} GiB) + {ALLOCATOR_FIXED_GIB} GiB; calibrated once")
         # Under an allocator cap (set_per_process_memory_fraction) a failed cudaMalloc makes the allocator free
@@ -611,7 +564,7 @@ def predict_peak(
         bd.info["reserved_under_cap"] = (allocated + ALLOCATOR_FIXED_GIB * GIB + frag_layer + (0 if at_loss else frag_loss))
     if include_context:
         bd.add("cuda_context", CUDA_CONTEXT_GIB * GIB, "CUDA context, outside torch's allocator (H100/H200, torch 2.x); calibrated")
-    bd.info["phases_gib"] = {k: v * T / GIB for k, v in phases.items()}
+    bd.info["phases_gib"] = {k: v / GIB for k, v in phases.items()}
     return bd
 
 
@@ -623,195 +576,3 @@ def calibration_constants() -> dict[str, Any]:
             "FRAG_LOSS_FRACTION": FRAG_LOSS_FRACTION, "FRAG_LAYER_FRACTION": FRAG_LAYER_FRACTION,
             "EAGER_EXTRA_SCORE_BUFFERS_CUDA": EAGER_EXTRA_SCORE_BUFFERS_CUDA,
             "INT8_OUTLIER_COL_FRACTION_DOWN": INT8_OUTLIER_COL_FRACTION_DOWN, "calibration": CALIBRATION}
-
-
-# --- largest batch and the finder ------------------------------------------------------------
-def largest_batch_that_fits(
-    model_config,
-    recipe: Recipe,
-    seq_len: int,
-    capacity_gib: float,
-    *,
-    allocator_cap: bool = False,
-    max_batch: int = 4096,
-    **kw: Any,
-) -> int:
-    """Largest batch size whose predicted peak fits in ``capacity_gib`` (0 if none).
-
-    ``allocator_cap=False``: a real card of that size (the CUDA context counts).
-    ``allocator_cap=True``: an allocator cap (``torch.cuda.set_per_process_memory_fraction``,
-    ``--gpu-memory-gib``), which limits reserved memory only.
-    """
-    cap = capacity_gib * GIB
-
-    def fits(b: int) -> bool:
-        bd = predict_peak(model_config, recipe, b, seq_len, **kw)
-        return (bd.info["reserved_under_cap"] if allocator_cap else bd.total) <= cap
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= max_batch and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, max_batch + 1)
-    while hi - lo > 1:  # fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-class FoundBatch(NamedTuple):
-    chosen: int
-    """Largest batch size that ran (0: none did)."""
-    predicted_gib: float | None
-    measured_gib: float | None
-    headroom_gib: float | None
-    """capacity - measured."""
-    tried: list
-
-
-def _oom_types() -> tuple[type, ...]:
-    import torch
-
-    t = [getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)]
-    return tuple(x for x in t if x is not None) or (MemoryError,)
-
-
-def find_batch_size(
-    predict_fn: Callable[[int], float],
-    try_step_fn: Callable[[int], float],
-    capacity_gib: float,
-    start: int | None = None,
-    *,
-    max_batch: int = 4096,
-) -> FoundBatch:
-    """Pick the largest batch predicted to fit, confirm it with one measured step, step down on OOM.
-
-    ``predict_fn(b)`` -> predicted peak GiB; ``try_step_fn(b)`` runs one training step and returns the
-    measured peak GiB, raising ``torch.OutOfMemoryError`` when it does not fit (it must free its
-    memory before raising). ``start``: the first batch to try (default: the largest ``b`` with
-    ``predict_fn(b) <= capacity_gib``, at least 1).
-    """
-    if capacity_gib <= 0:
-        raise ConfigError(f"capacity_gib={capacity_gib}: expected a number > 0")
-    b = start
-    if b is None:
-        b = 1
-        while b < max_batch and predict_fn(b + 1) <= capacity_gib:
-            b += 1 if b < 64 else b // 8
-        b = min(b, max_batch)
-    if b < 1:
-        raise ConfigError(f"start={start}: expected an integer >= 1")
-    tried = []
-    while b >= 1:
-        pred = predict_fn(b)
-        try:
-            measured = float(try_step_fn(b))
-        except _oom_types():
-            tried.append((b, pred, None))
-            b -= 1
-            continue
-        tried.append((b, pred, measured))
-        return FoundBatch(b, pred, measured, capacity_gib - measured, tried)
-    return FoundBatch(0, None, None, None, tried)
-
-
-# --- the study's numbers (Dell 2023) ---------------------------------------------------------------
-def full_finetune_fp16(model_config, *, n_params_rounded: float | None = None) -> dict[str, Any]:
-    """Full fine-tuning in fp16 with Adam, as the study's Figure 1 counts it, and corrected.
-
-    The study's ~84 GB: 7e9 params x (2 B fp16 weights + 2 B fp16 grads + 8 B Adam: two fp32 states)
-    = 7e9 x 12 B = 84 GB. With the true count (6.74e9 for Llama-2-7B) that is 80.9 GB; real mixed
-    precision also keeps fp32 master weights (+4 B/param: 16 B, Micikevicius et al. 2018), and
-    activations come on top.
-    """
-    n = param_count(model_config)
-    n_fig = n_params_rounded if n_params_rounded is not None else round(n / 1e9) * 1e9
-    rows = {
-        "weights_fp16": (2 * n, "2 B/param"),
-        "gradients_fp16": (2 * n, "2 B/param"),
-        "adam_states_fp32": (8 * n, "exp_avg + exp_avg_sq, 4 B each"),
-    }
-    return {
-        "params": n,
-        "study_gb": 12 * n_fig / GB,
-        "study_formula": f"{n_fig / 1e9:.0f}e9 params x (2 + 2 + 8) B = {12 * n_fig / GB:.0f} GB",
-        "terms": rows,
-        "total_12B_gb": 12 * n / GB,
-        "total_12B_gib": 12 * n / GIB,
-        "with_fp32_master_gb": 16 * n / GB,
-        "with_fp32_master_gib": 16 * n / GIB,
-    }
-
-
-STUDY_TABLE1_GB = {
-    "weights": 7.0,
-    "adapter": 0.0084,
-    "gradients": 0.0168,
-    "optimizer": 0.0168,
-    "activations": 2.96,
-}
-"""The study's Table 1 (GB), LoRA int8, batch 1, 2048 tokens; total 10.0 GB = 9.31 GiB."""
-
-
-def study_table1(model_config=None, recipe: Recipe | None = None, seq_len: int = 2048) -> list[dict[str, Any]]:
-    """The study's Table 1 beside loralab's recount for the same recipe at batch 1.
-
-    Slips in the study: the optimizer row counts one state (AdamW keeps two: 0.0336 GB); the adapter is
-    counted at 2 B/param while peft keeps it fp32 (4 B: 0.0168 GB); the weights row omits the fp32
-    embeddings and LM head that stay unquantized (1.05 GB)."""
-    from loralab.config import get_recipe
-
-    cfg = model_config if model_config is not None else preset_config("llama2-7b")
-    rec = recipe if recipe is not None else get_recipe("seed")
-    bd = predict_peak(cfg, rec, 1, seq_len)
-    t = bd.terms
-    ours = {
-        "weights": sum(v for k, v in t.items() if k.startswith("weights")) / GB,
-        "adapter": t["lora_adapter"] / GB,
-        "gradients": t["lora_gradients"] / GB,
-        "optimizer": t["optimizer_states"] / GB,
-        "activations": sum(v for k, v in t.items() if k in ("activations_held", "layer_backward", "final_norm_lm_head_input", "logits_and_loss", "attention_mask", "small_buffers")) / GB,
-    }
-    n = lora_param_count(cfg, rec)
-    notes = {
-        "weights": "int8 linears + fp32 embeddings, LM head, norms",
-        "adapter": f"{n:,} x 4 B (fp32), study used 2 B",
-        "gradients": f"{n:,} x 4 B",
-        "optimizer": f"AdamW keeps two states: 2 x {n:,} x 4 B (study counted one)",
-        "activations": f"peak moment: {bd.phase}",
-    }
-    rows = [{"term": k, "study_GB": STUDY_TABLE1_GB[k], "loralab_GB": ours[k], "note": notes[k]} for k in STUDY_TABLE1_GB]
-    rows.append({"term": "total", "study_GB": sum(STUDY_TABLE1_GB.values()), "loralab_GB": sum(ours.values()),
-                 "note": "study: 10.0 GB = 9.31 GiB; loralab excludes allocator overhead and CUDA context here"})
-    return rows
-
-
-def recipe_variant(name: str) -> Recipe:
-    """The recipes the memory bar is measured on: seed, seed-sdpa, qlora, lora-bf16, lora-bf16-ckpt (+ hf-peft)."""
-    from loralab.config import get_recipe
-
-    if name in ("seed", "qlora", "fast", "demo"):
-        return get_recipe(name)
-    if name == "seed-sdpa":
-        # The study's recipe with SDPA attention: a what-if, so it runs as loralab runs its own recipes, with
-        # expandable segments; only `seed` itself keeps the study's allocator (it reproduces the OOM at bs 8).
-        # H200: under the caching allocator its reserved peak missed the model by up to 7.5 % and its largest
-        # batch under 40 GiB was 11 or 12 from run to run; with expandable segments all five rows within 0.6 %
-        # and 16 (memory_sweep_H200_20261130-1248_seed-sdpa-expandable).
-        return get_recipe("seed").replace(name="seed-sdpa", attn_implementation="sdpa", allocator="expandable")
-    if name in ("lora-bf16", "lora-bf16-ckpt"):
-        # As measured on the H200 (memory_sweep 2026-11-30 07:43-07:47 UTC, after commit 107212b gave the fast
-        # preset its levers; the first lora-bf16-ckpt steps took 9.4 s and 7.9 s: torch.compile at work): bf16
-        # base, SDPA, LoRA without dropout computed in bf16, regional torch.compile (on CUDA), HF's loss
-        # (memory_sweep calls model(labels=...)). Explicit fields, so it does not drift with the fast preset.
-        return Recipe(name=name, quantization="none", param_dtype="bfloat16", compute_dtype="bfloat16",
-                      gradient_checkpointing="full" if name.endswith("ckpt") else "none", attn_implementation="sdpa",
-                      lora_dropout=0.0, prepare_for_kbit=False, cross_entropy="hf", liger="off", compile="auto",
-                      lora_matmul_dtype="input", allocator="expandable")
-    if name == "hf-peft":
-        # plain HF + PEFT in bf16 (benchmarks/compare.py's "hf"): dropout 0.05, peft's fp32 adapter matmul, no compile
-        return Recipe(name=name, quantization="none", param_dtype="bfloat16", compute_dtype="bfloat16",
-                      gradient_checkpointing="none", attn_implementation="sdpa", lora_dropout=0.05,
-                      prepare_for_kbit=False, cross_entropy="hf", liger="off", compile="off", lora_matmul_dtype="adapter")
-    raise ConfigError(f"recipe variant {name!r}: expected seed, seed-sdpa, qlora, fast, lora-bf16, lora-bf16-ckpt, hf-peft")

@@ -1,15 +1,16 @@
-"""Models: presets, loading through ``from_pretrained``, quantization, LoRA, checkpointing.
+"""Models: presets on disk, loading through ``from_pretrained``, random shapes, quantization, LoRA.
 
-Every model, preset or not, is a Hugging Face folder on disk and is loaded by
-``from_pretrained`` with the recipe's dtype, attention and quantization config,
-so int8 / nf4 quantization is the real bitsandbytes path, as with real weights.
+Every model that lives on disk (a preset, a Hugging Face folder, a converted Meta checkpoint) is
+loaded by ``from_pretrained`` with the recipe's dtype, attention and quantization config, so int8 /
+nf4 quantization is the real bitsandbytes path, as with real weights. Which model a name means and
+what shape it has: ``loralab.shape``.
 
-Presets (materialised once into ``LORALAB_HOME`` (default ``~/.cache/loralab``)/models/):
-- ``tiny``: a 2-layer Llama built locally with its own BPE tokenizer trained on
-  the built-in dialogues; runs on a laptop CPU in seconds.
-- ``llama2-7b``: the Llama-2-7B shape (hidden 4096, 32 layers, vocab 32000) with
-  *random* weights, saved in fp16. Memory, time and FLOPs do not depend on the
-  weights' values; summaries and loss values from it mean nothing.
+Presets on disk are materialised once into ``LORALAB_HOME`` (default ``~/.cache/loralab``)/models/:
+built into a hidden temporary folder, checked by loading it, marked complete and renamed, so an
+interrupted build never leaves a folder that looks complete. A cached preset that no longer loads
+(truncated weights, a full disk) is rebuilt, not reused. In-memory presets (``llama2-13b``) and the
+benchmarks' random models are built on the meta device and materialised on the training device by
+``build_random_model``: no CPU copy and no disk folder of a large model.
 """
 
 from __future__ import annotations
@@ -21,30 +22,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
 
 from loralab import allocator
 from loralab.config import ConfigError, Recipe, RunConfig
+from loralab.device import cap_gpu_memory, resolve_device
+from loralab.shape import (IN_MEMORY_PRESETS, PRESET_MARKER, is_preset, model_config, preset_config,
+                           random_weights)
 
-PRESETS: dict[str, LlamaConfig] = {
-    "tiny": LlamaConfig(
-        vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        tie_word_embeddings=False,
-        # Random weights at std 0.1 (Llama's 0.02 is for width 4096): at width 128 they give the
-        # frozen base enough signal for LoRA to steer, so the demo learns in seconds (measured:
-        # ROUGE-L gap 0.51 at std 0.1 vs none at 0.02 with the same budget).
-        initializer_range=0.1,
-    ),
-    # Meta's Llama-2-7b-hf config.json
-    "llama2-7b": LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    ),
-}
-RANDOM_WEIGHT_PRESETS = {"tiny", "llama2-7b"}
 PRESET_VERSION = "v2"  # bump when a preset's construction changes (v2: tiny init std 0.1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,83 +37,91 @@ def loralab_home() -> Path:
     return Path(os.environ.get("LORALAB_HOME", Path.home() / ".cache" / "loralab"))
 
 
-def preset_config(name: str) -> LlamaConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"model preset {name!r}: expected one of {', '.join(PRESETS)} or a model folder")
-    return LlamaConfig.from_dict(PRESETS[name].to_dict())
+def _quiet_hf() -> None:
+    """No "Loading weights" bars in the reports; bitsandbytes' per-matmul cast warning said once in the reports."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: that is the study's real
+    # behaviour (int8 matmuls compute in fp16), said once in the reports instead.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
-def is_preset(model: str) -> bool:
-    return model in PRESETS
+# --- presets on disk ---------------------------------------------------------------------------
+def preset_folder(name: str, home: Path | None = None) -> Path:
+    return (home or loralab_home()) / "models" / f"{name}-{PRESET_VERSION}"
 
 
-def _atomic_folder(final: Path, build) -> Path:
-    """Build into a temp folder beside ``final`` and rename: no half-built folder looks complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+def _loads(folder: Path) -> str | None:
+    """None when the folder's config and every weight load (on the meta device: the bytes are read, not
+    kept); else a one-line reason."""
+    from safetensors import safe_open
+
     try:
-        build(tmp)
-        (tmp / "loralab_preset.json").write_text(json.dumps({"complete": True}))
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        model_config(str(folder))
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return "no .safetensors weights"
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    sf.get_slice(k)[:1]  # reads the header and checks the data offsets against the file size
+    except Exception as e:  # noqa: BLE001 - any failure means "do not reuse"
+        return (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+    return None
 
 
 def materialize_preset(name: str, home: Path | None = None, progress=print) -> Path:
-    """The preset's HF folder (built on first use, then reused)."""
+    """The preset's HF folder: built on first use, then reused while it still loads."""
+    if name in IN_MEMORY_PRESETS:
+        raise ConfigError(f"model preset {name!r}: built in memory by each process, never on disk")
     cfg = preset_config(name)
-    folder = (home or loralab_home()) / "models" / f"{name}-{PRESET_VERSION}"
-    if (folder / "loralab_preset.json").exists():
-        return folder
-
-    def build(tmp: Path) -> None:
+    folder = preset_folder(name, home)
+    if (folder / PRESET_MARKER).exists():
+        why = _loads(folder)
+        if why is None:
+            return folder
+        progress(f"cached preset {folder} does not load ({why}): rebuilding it")
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
         from transformers import LlamaForCausalLM
 
+        _quiet_hf()
         if name == "tiny":
             from loralab.builtin_data import make_builtin_dataset
             from loralab.data import format_prompt
             from loralab.tokenizer import build_word_tokenizer
 
-            train = make_builtin_dataset()["train"]
-            build_word_tokenizer([format_prompt(e) for e in train], tmp, vocab_size=cfg.vocab_size)
+            build_word_tokenizer([format_prompt(e) for e in make_builtin_dataset()["train"]], tmp,
+                                 vocab_size=cfg.vocab_size)
         torch.manual_seed(0)
         device = "cuda" if torch.cuda.is_available() and name != "tiny" else "cpu"
         progress(f"building preset {name!r}: random weights in the {name} shape on {device} -> {folder}")
-        dtype = torch.float32 if name == "tiny" else torch.float16
         prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
+        torch.set_default_dtype(torch.float32 if name == "tiny" else torch.float16)
         try:
             with torch.device(device):
                 model = LlamaForCausalLM(cfg)
         finally:
             torch.set_default_dtype(prev)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         model.save_pretrained(tmp, max_shard_size="2GB")
         del model
-
-    return _atomic_folder(folder, build)
-
-
-def resolve_model_folder(model: str, progress=print) -> Path:
-    """A preset name or an HF folder -> the folder to load."""
-    if is_preset(model):
-        return materialize_preset(model, progress=progress)
-    p = Path(model).expanduser()
-    if not p.exists():
-        raise ConfigError(f"model {model!r}: not a preset ({', '.join(PRESETS)}) and no such folder")
-    if not (p / "config.json").exists():
-        from loralab import convert
-        if convert.is_meta_checkpoint(p):
-            return converted_meta_folder(p, progress)
-        raise ConfigError(f"model {model!r}: folder has no config.json; expected a Hugging Face model folder, a Meta checkpoint (params.json, consolidated.*.pth) or a preset ({', '.join(PRESETS)})")
-    return p
+        why = _loads(tmp)
+        if why is not None:
+            raise ConfigError(f"model preset {name!r}: the folder just built does not load ({why}); is {folder.parent} full?")
+        (tmp / PRESET_MARKER).write_text(json.dumps({"complete": True, "preset": name}))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def converted_meta_folder(meta_dir: Path, progress=print) -> Path:
@@ -146,38 +138,37 @@ def converted_meta_folder(meta_dir: Path, progress=print) -> Path:
     return convert_meta_checkpoint(meta_dir, out, log=progress)
 
 
-def resolve_tokenizer_path(cfg: RunConfig, model_folder: Path) -> Path:
+def resolve_model_folder(model: str, progress=print) -> Path | None:
+    """The HF folder to load for a model name (None for an in-memory preset): a preset is built once,
+    a Meta checkpoint converted once, an HF folder used as it is."""
+    if model in IN_MEMORY_PRESETS:
+        return None
+    if is_preset(model):
+        return materialize_preset(model, progress=progress)
+    model_config(model)  # one-line errors for anything that is not a model folder
+    p = Path(model).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    return converted_meta_folder(p, progress)
+
+
+def resolve_tokenizer_path(cfg: RunConfig, model_folder: Path | None) -> Path:
     if cfg.tokenizer:
         return Path(cfg.tokenizer).expanduser()
-    if (model_folder / "tokenizer.json").exists() or (model_folder / "tokenizer.model").exists():
+    if model_folder is not None and ((model_folder / "tokenizer.json").exists() or (model_folder / "tokenizer.model").exists()):
         return model_folder
-    raise ConfigError(f"tokenizer: model {cfg.model!r} has no tokenizer of its own; pass --tokenizer (a tokenizer.model file or folder, e.g. Meta's Llama 2 tokenizer.model)")
+    raise ConfigError(f"tokenizer: model {cfg.model!r} has no tokenizer of its own; pass --tokenizer (a tokenizer.model "
+                      f"file or folder, e.g. Meta's Llama 2 tokenizer.model)")
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" | "cpu" | "cuda" -> a torch.device; CUDA devices always carry an index (cuda:N)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device='cuda': no CUDA GPU is visible; use --device cpu or auto")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
+def load_tokenizer_for(cfg: RunConfig, progress=print):
+    """The run's tokenizer: --tokenizer, else the model folder's own."""
+    from loralab.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_tokenizer_path(cfg, resolve_model_folder(cfg.model, progress=progress)))
 
 
-def cap_gpu_memory(gib: float | None, device: torch.device) -> None:
-    """Emulate a card with ``gib`` GiB: caps PyTorch's caching allocator (not the CUDA context)."""
-    if gib is None or device.type != "cuda":
-        return
-    total = torch.cuda.get_device_properties(device).total_memory
-    frac = gib * 2**30 / total
-    if frac > 1:
-        raise ConfigError(f"gpu_memory_gib={gib}: larger than this GPU ({total / 2**30:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(frac, device.index)
-
-
+# --- the base model ----------------------------------------------------------------------------
 def quantization_config(recipe: Recipe):
     from transformers import BitsAndBytesConfig
 
@@ -185,37 +176,125 @@ def quantization_config(recipe: Recipe):
         # llama-recipes 2023: load_in_8bit=True with bitsandbytes' defaults (threshold 6.0).
         return BitsAndBytesConfig(load_in_8bit=True)
     if recipe.quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True,
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=DTYPES[recipe.compute_dtype])
     return None
 
 
 def load_base_model(folder: Path, recipe: Recipe, device: torch.device):
-    """The frozen base model as the recipe wants it, in train mode."""
-    import warnings
-
+    """The frozen base model from a folder, as the recipe wants it, in train mode."""
     from transformers import AutoModelForCausalLM
 
-    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: that is the
-    # study's real behaviour (int8 matmuls compute in fp16), said once in the reports instead.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would fill the reports
-
+    _quiet_hf()
     allocator.configure(recipe, device)  # before the weights reach the GPU
     qc = quantization_config(recipe)
     kwargs = dict(dtype=DTYPES[recipe.param_dtype], attn_implementation=recipe.attn_implementation)
     if qc is not None:
-        kwargs.update(quantization_config=qc, device_map={"": device.index if device.index is not None else torch.cuda.current_device()} if device.type == "cuda" else {"": "cpu"})
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        where = "cpu" if device.type != "cuda" else (device.index if device.index is not None else torch.cuda.current_device())
+        kwargs.update(quantization_config=qc, device_map={"": where})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        if "out of memory" in str(e).lower():
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model {str(folder)!r}: its weights do not load ({msg[:200]})") from None
     if qc is None:
         model.to(device)
     model.config.use_cache = False
     return model
 
 
+def _init_random_(model, device: torch.device) -> None:
+    """Random values for a model materialised with ``to_empty``: weights N(0, 0.02), norms 1, LoRA A
+    N(0, 1/in), LoRA B 0; RoPE buffers recomputed (they are not parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.to_local() if isinstance(p, DTensor) else p
+            if "lora_B" in name:
+                t.zero_()
+            elif "norm" in name:
+                t.fill_(1.0)
+            elif "lora_A" in name:
+                t.normal_(0.0, 1.0 / t.shape[-1] ** 0.5)
+            else:
+                t.normal_(0.0, 0.02)
+        for m in model.modules():
+            if hasattr(m, "inv_freq") and hasattr(m, "config"):
+                fresh = type(m)(m.config).to(device)
+                for bname, buf in fresh.named_buffers(recurse=False):
+                    setattr(m, bname, buf)
+
+
+def _quantize_linears(model, recipe: Recipe, device: torch.device) -> None:
+    """Swap every decoder nn.Linear for bitsandbytes' int8 (LLM.int8, threshold 6) or NF4 module: the layers
+    ``from_pretrained`` makes with a BitsAndBytesConfig."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                if recipe.quantization == "int8":
+                    cb, scb, _ = bnb.functional.int8_vectorwise_quant(lin.weight.data.to(device, torch.float16))
+                    new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False,
+                                              threshold=6.0, device="meta")
+                    p = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+                    p.CB, p.SCB = cb, scb
+                    new.weight = p
+                else:
+                    new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                                            compute_dtype=DTYPES[recipe.compute_dtype], compress_statistics=True,
+                                            quant_type="nf4", device="meta")
+                    new.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu"), requires_grad=False,
+                                                   compress_statistics=True, quant_type="nf4")
+                    new = new.to(device)
+                setattr(parent, name, new)
+    setattr(model, "is_loaded_in_8bit" if recipe.quantization == "int8" else "is_loaded_in_4bit", True)
+
+
+def build_random_model(config, recipe: Recipe, device: torch.device, seed: int = 0, shard=None):
+    """A LoRA model (PeftModel, train mode) with random weights in ``config``'s shape, built on the meta
+    device and materialised on ``device``: no CPU copy, no disk folder. ``shard(model) -> module`` (FSDP's
+    wrapping) runs on the meta model before it is materialised, so each process only ever holds its shard;
+    the sharded module is returned then. Quantized recipes swap the decoder linears for bitsandbytes modules
+    after materialising (no sharding then)."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg._attn_implementation = recipe.attn_implementation
+    cfg.use_cache = False
+    dtype = DTYPES[recipe.param_dtype]
+    if recipe.quantization == "int8" and dtype == torch.float32:
+        dtype = torch.float16  # the study loaded fp16 then int8; prepare_for_kbit makes the rest fp32
+    allocator.configure(recipe, device)  # before the weights reach the GPU
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        base = LlamaForCausalLM(cfg).to(dtype)
+    if recipe.quantization != "none":
+        if shard is not None:
+            raise ConfigError(f"recipe {recipe.name!r} ({recipe.quantization}): FSDP shards bf16/fp32 weights only; "
+                              f"use --strategy ddp or a recipe without quantization (fast)")
+        base.to_empty(device=device)
+        _init_random_(base, device)
+        _quantize_linears(base, recipe, device)
+        torch.manual_seed(seed)
+        return add_lora(base, recipe)
+    model = add_lora(base, recipe)
+    if shard is not None:
+        model = shard(model)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    _init_random_(model, device)
+    return model
+
+
+# --- LoRA --------------------------------------------------------------------------------------
 def enable_checkpointing(model) -> None:
     # Reentrant, as transformers 4.31 (the study's) did by default.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -255,31 +334,41 @@ def checkpointing_active(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
 
 
-def load_for_training(cfg: RunConfig, progress=print):
-    """(peft model on device, tokenizer, info dict) for a RunConfig."""
+def load_for_training(cfg: RunConfig, progress=print, device: torch.device | None = None, shard=None):
+    """(PeftModel on the device, tokenizer, info) for a run: a preset, an HF folder, a Meta checkpoint or an
+    in-memory shape. ``shard(model) -> module``: FSDP's wrapping (``loralab.distributed.wrap_model``), then
+    returned in place of the PeftModel; a folder is loaded on the CPU and sharding moves one layer at a time
+    to the GPU."""
     from loralab.tokenizer import load_tokenizer
 
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     if device.type == "cpu" and cfg.recipe.quantization != "none":
         progress(f"note: {cfg.recipe.quantization} on CPU uses bitsandbytes' CPU kernels (slow; fine for tiny models)")
     cap_gpu_memory(cfg.gpu_memory_gib, device)
     folder = resolve_model_folder(cfg.model, progress=progress)
     tok = load_tokenizer(resolve_tokenizer_path(cfg, folder))
-    torch.manual_seed(cfg.seed)
-    base = load_base_model(folder, cfg.recipe, device)
-    if tok.vocab_size > base.config.vocab_size:
-        raise ConfigError(f"tokenizer {tok.source!r}: vocabulary of {tok.vocab_size} exceeds the model's {base.config.vocab_size}; expected a tokenizer made for this model")
-    torch.manual_seed(cfg.seed)
-    model = add_lora(base, cfg.recipe)
+    mcfg = model_config(cfg.model) if folder is None else model_config(str(folder))
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ConfigError(f"tokenizer {tok.source!r}: vocabulary of {tok.vocab_size} exceeds the model's "
+                          f"{mcfg.vocab_size}; expected a tokenizer made for this model")
+    if folder is None:
+        model = build_random_model(mcfg, cfg.recipe, device, seed=cfg.seed, shard=shard)
+    else:
+        torch.manual_seed(cfg.seed)
+        base = load_base_model(folder, cfg.recipe, torch.device("cpu") if shard is not None else device)
+        torch.manual_seed(cfg.seed)
+        model = add_lora(base, cfg.recipe)
+        if shard is not None:
+            model = shard(model)
     trainable, total = trainable_parameters(model)
     info = {
-        "model_folder": str(folder),
-        "random_weights": is_preset(cfg.model),
+        "model_folder": None if folder is None else str(folder),
+        "random_weights": random_weights(cfg.model),
         "device": str(device),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
         "checkpointing_active": checkpointing_active(model),
-        "attn_implementation": base.config._attn_implementation,
+        "attn_implementation": cfg.recipe.attn_implementation,
     }
     return model, tok, info

@@ -19,157 +19,38 @@ Cross-checks for the analytic count in ``loralab.flops``:
 * ``measure_matmul_peak``: the matmul TFLOP/s this device reaches now.
 * ``time_steps``: seconds per optimizer step, synchronised.
 
-``build_lora_model`` builds a random-weight Llama + peft LoRA for a recipe
-(a stand-in until ``loralab.model`` is used; the FLOPs do not depend on it).
+Every measurement runs the step that trains (``loralab.train``), on a model from ``loralab.model``
+(``build_random_model`` for the random-weight shapes: FLOPs and time do not depend on the values).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import torch
 
-from loralab import allocator
-from loralab.config import ConfigError, Recipe
+from loralab.config import Recipe
+from loralab.device import resolve_device, sync
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ---------------------------------------------------------------- the step the profilers measure
 
-
-def resolve_device(device: str) -> torch.device:
-    """loralab.model.resolve_device: one place decides devices (CUDA ones carry their index)."""
-    from loralab.model import resolve_device as _resolve
-
-    return _resolve(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # CPU-GPU sync: timings need the kernels finished
-
-
-# ---------------------------------------------------------------- model builder
-
-def _quantize_int8(model: torch.nn.Module, device: torch.device) -> None:
-    """Swap every decoder nn.Linear for bitsandbytes Linear8bitLt (LLM.int8, threshold 6)."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, lin in list(parent.named_children()):
-                if not isinstance(lin, torch.nn.Linear):
-                    continue
-                w16 = lin.weight.data.to(device=device, dtype=torch.float16)
-                cb, scb, _ = bnb.functional.int8_vectorwise_quant(w16)
-                del w16
-                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
-                                          has_fp16_weights=False, threshold=6.0, device="meta")
-                p = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
-                p.CB, p.SCB = cb, scb
-                new.weight = p
-                setattr(parent, name, new)
-    model.is_loaded_in_8bit = True  # what peft checks to dispatch its bnb LoRA layer
-
-
-def _quantize_nf4(model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype) -> None:
-    """Swap every decoder nn.Linear for bitsandbytes Linear4bit (NF4, double quantization)."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, lin in list(parent.named_children()):
-                if not isinstance(lin, torch.nn.Linear):
-                    continue
-                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
-                                        compute_dtype=compute_dtype, compress_statistics=True,
-                                        quant_type="nf4", device="meta")
-                new.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu"), requires_grad=False,
-                                               compress_statistics=True, quant_type="nf4")
-                new = new.to(device)
-                setattr(parent, name, new)
-    model.is_loaded_in_4bit = True
-
-
-def build_lora_model(llama_config: Any, recipe: Recipe, device: str | torch.device = "auto", seed: int = 0):
-    """Random-weight Llama in ``llama_config``'s shape with the recipe's LoRA, in train mode.
-
-    Weights: created on the meta device, materialised on ``device`` (no CPU copy and
-    no disk folder of a 7B model), initialised N(0, 0.02). Quantized recipes swap
-    decoder linears for bitsandbytes modules (the layers ``from_pretrained`` makes
-    with a BitsAndBytesConfig). Then ``loralab.model.add_lora``, the training
-    path's: peft's prepare for k-bit, reentrant checkpointing with input grads
-    (``recipe_step_flops``'s default ``input_requires_grad`` = checkpointing on).
-    """
-    import copy
-
-    from transformers import LlamaForCausalLM
-
-    dev = resolve_device(device) if isinstance(device, str) else device
-    cfg = copy.deepcopy(llama_config)
-    cfg._attn_implementation = recipe.attn_implementation
-    cfg.use_cache = False
-    dtype = _DTYPES[recipe.param_dtype]
-    if recipe.quantization == "int8" and dtype == torch.float32:
-        dtype = torch.float16  # the study loaded fp16 then int8; prepare_for_kbit makes the rest fp32
-    allocator.configure(recipe, dev)  # before the weights reach the GPU
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    model = model.to_empty(device=dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    base = rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd))  # Llama 2: default RoPE
-    for mod in model.modules():  # to_empty left the RoPE buffers uninitialised: fp32, as from_pretrained keeps them
-        for buf in ("inv_freq", "original_inv_freq"):
-            if isinstance(getattr(mod, buf, None), torch.Tensor):
-                setattr(mod, buf, inv_freq.clone())
-    if recipe.quantization == "int8":
-        _quantize_int8(model, dev)
-    elif recipe.quantization == "nf4":
-        _quantize_nf4(model, dev, _DTYPES[recipe.compute_dtype])
-    from loralab.model import add_lora  # the training path's own prepare / checkpointing / LoRA
-
-    model = add_lora(model, recipe)  # LoRA weights in peft's dtype (fp32: autocast_adapter_dtype)
-    model.train()
-    return model
-
-
-def random_batch(vocab: int, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+def random_batch(vocab: int, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A packed batch of random token ids (labels = input_ids, no padding), as the training loop feeds it."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(3, vocab, (batch_size, seq_len), generator=g).to(device)
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def _autocast(model, recipe: Recipe | None):
-    if recipe is not None and recipe.autocast:
-        dev = next(model.parameters()).device.type
-        return torch.autocast(dev, dtype=_DTYPES[recipe.compute_dtype])
-    return contextlib.nullcontext()
+def step_module(model, recipe: Recipe | None):
+    """The module ``loralab.train``'s step calls: the PeftModel with the recipe's loss (one process)."""
+    from loralab.distributed import LossModule
 
-
-def train_step(model, input_ids: torch.Tensor, optimizer=None, recipe: Recipe | None = None) -> float:
-    """One LoRA step as loralab trains: forward with labels = input_ids, backward, optimizer step."""
-    with _autocast(model, recipe):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        model.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return model if isinstance(model, LossModule) else LossModule(model, recipe)
 
 
 # ---------------------------------------------------------------- FlopCounterMode
@@ -199,34 +80,37 @@ def _custom_mapping(cpu_sdpa: bool) -> dict:
     return m
 
 
-def count_step_flops(model, input_ids: torch.Tensor, recipe: Recipe | None = None, cpu_sdpa: bool = True) -> dict[str, Any]:
-    """torch FlopCounterMode over one real training step (forward, backward; no optimizer step).
+def count_step_flops(model, batch: dict[str, torch.Tensor], recipe: Recipe | None = None,
+                     cpu_sdpa: bool = True) -> dict[str, Any]:
+    """torch FlopCounterMode over one real training step (``loralab.train.forward_backward``, no optimizer step).
 
-    Returns {"total": FLOPs, "forward": FLOPs, "by_op": {op: FLOPs}, "convention": str}.
-    Forward and backward are counted in two passes of one mode each, so the
-    split is exact (checkpoint recompute falls in backward).
+    Returns {"total", "forward", "backward", "by_op", "convention"}. "total" counts the step as it trains
+    (checkpoint recompute falls in backward; the chunked cross-entropy computes its input gradient in the
+    forward); "forward" counts the same forward once more without autograd, so "backward" = total - forward
+    is the work the backward pass needs wherever the step does it.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from loralab.train import forward_backward
+
+    m = step_module(model, recipe)
     mapping = _custom_mapping(cpu_sdpa)
-    was_training = model.training
-    model.train()
-    with FlopCounterMode(display=False, custom_mapping=mapping) as fwd_counter:
-        with _autocast(model, recipe):
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-    with FlopCounterMode(display=False, custom_mapping=mapping) as bwd_counter:
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    was_training = m.training
+    m.train()
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fwd_counter, torch.no_grad():
+        m(batch)
+    with FlopCounterMode(display=False, custom_mapping=mapping) as step_counter:
+        forward_backward(m, batch)
+    m.zero_grad(set_to_none=True)
+    m.train(was_training)
     by_op: dict[str, int] = {}
-    for c in (fwd_counter, bwd_counter):
-        for op, n in c.get_flop_counts().get("Global", {}).items():
-            by_op[str(op)] = by_op.get(str(op), 0) + int(n)
-    fwd = int(fwd_counter.get_total_flops())
+    for op, n in step_counter.get_flop_counts().get("Global", {}).items():
+        by_op[str(op)] = by_op.get(str(op), 0) + int(n)
+    total, fwd = int(step_counter.get_total_flops()), int(fwd_counter.get_total_flops())
     return {
-        "total": fwd + int(bwd_counter.get_total_flops()),
+        "total": total,
         "forward": fwd,
-        "backward": int(bwd_counter.get_total_flops()),
+        "backward": total - fwd,
         "by_op": by_op,
         "convention": "torch FlopCounterMode: matmul ops as executed (hardware FLOPs), full s x s attention,"
                       " fused-attention backward = 5 matmuls; bitsandbytes int8/4-bit kernels not seen",
@@ -241,7 +125,7 @@ DEEPSPEED_CONVENTION = (
     " overcounts LoRA); bitsandbytes int8/4-bit matmuls not seen")
 
 
-def deepspeed_profile(model, input_ids: torch.Tensor) -> dict[str, Any]:
+def deepspeed_profile(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """DeepSpeed's ``get_model_profile`` on one forward, with its convention, or why it could not run.
 
     Returns {"available", "forward_flops", "forward_macs", "params", "step_flops_ds_convention",
@@ -260,7 +144,7 @@ def deepspeed_profile(model, input_ids: torch.Tensor) -> dict[str, Any]:
     was_training = model.training
     try:
         with torch.no_grad():  # get_model_profile runs forward with grad on; counts do not need it
-            flops, macs, params = get_model_profile(model, kwargs={"input_ids": input_ids}, print_profile=False,
+            flops, macs, params = get_model_profile(model, kwargs={"input_ids": batch["input_ids"]}, print_profile=False,
                                                     detailed=False, warm_up=0, as_string=False)
         out.update(available=True, forward_flops=int(flops), forward_macs=int(macs), params=int(params),
                    step_flops_ds_convention=3 * int(flops))
@@ -288,27 +172,32 @@ def measure_matmul_peak(device: str | torch.device = "auto", dtype: torch.dtype 
         a @ b
     best = float("inf")
     for _ in range(iters):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         a @ b
-        _sync(dev)
+        sync(dev)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12
 
 
-def time_steps(model, input_ids: torch.Tensor, n_steps: int = 3, warmup: int = 1, recipe: Recipe | None = None,
-               lr: float = 1e-4) -> list[float]:
-    """Seconds per training step (forward, backward, AdamW step), after ``warmup`` untimed steps."""
-    dev = input_ids.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
+def time_steps(model, batch: dict[str, torch.Tensor], n_steps: int = 3, warmup: int = 1,
+               recipe: Recipe | None = None, lr: float = 1e-4) -> list[float]:
+    """Seconds per training step (``loralab.train.training_step``: forward, loss, backward, AdamW step),
+    after ``warmup`` untimed steps."""
+    from loralab.distributed import DistContext
+    from loralab.train import training_step
+
+    m = step_module(model, recipe)
+    dev = batch["input_ids"].device
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    ctx = DistContext(device=dev)
+    m.train()
     times = []
     for i in range(warmup + n_steps):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
-        train_step(model, input_ids, opt, recipe)
-        _sync(dev)
+        training_step(m, [batch], opt, ctx)
+        sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times

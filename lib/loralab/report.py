@@ -1,24 +1,57 @@
-"""Small helpers the notebooks share, so each notebook reads like a report."""
+"""What the notebooks share, so each reads like a report: the run's config, its folder, banners, tables.
+
+A notebook gets its configuration in one of two ways: run_all.py passes the whole run's ``RunConfig``
+as the ``config`` parameter (a dict), or, opened in JupyterLab, it builds one from its own readable
+parameters cell with the same defaults and checks (``notebook_config``). Either way the rest of the
+notebook sees one ``RunConfig``.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from loralab.config import RunConfig, get_recipe
+from loralab.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 RANDOM_WEIGHTS_BANNER = (
-    "> **Random weights.** This report was made with the `{model}` preset: the Llama-2-7B *shape* "
-    "with random weights. Memory, time and FLOPs are real measurements (they do not depend on the "
-    "weights' values); loss values and generated summaries mean nothing."
+    "> **Random weights.** This report was made with `{model}`: a model with random weights in a real "
+    "shape. Memory, time and FLOPs are real measurements (they do not depend on the weights' values); "
+    "loss values and generated summaries mean nothing."
 )
 TINY_BANNER = (
     "> **Built-in tiny model.** A 2-layer Llama built locally so the whole sweep runs on a laptop CPU "
     "in minutes. Its numbers show how loralab works, not what a 7B model costs; for that run "
     "`--model llama2-7b` (random weights) or a real model folder on a GPU."
 )
+
+
+def notebook_config(config: dict, **params) -> RunConfig:
+    """The run's configuration: run_all.py's (``config``) when given, else built from the notebook's own
+    parameters (JupyterLab) with run_all.py's defaults and checks."""
+    if config:
+        return RunConfig.from_dict(config)
+    return RunConfig.from_options(**params)
+
+
+def notebook_run_dir(run_dir: str, notebook: str) -> Path:
+    """Where the notebook writes: run_all.py's run folder, else a new folder it names under outputs/notebooks/."""
+    if run_dir:
+        return Path(run_dir)
+    d = REPO / "outputs" / "notebooks" / f"{notebook}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    d.mkdir(parents=True, exist_ok=True)
+    print(f"outputs of this notebook: {d}")
+    return d
+
+
+def latest_run(out: Path = REPO / "outputs") -> Path | None:
+    """The newest run folder run_all.py wrote under ``out`` (it holds run_config.json), or None."""
+    runs = sorted((p for p in Path(out).glob("*/run_config.json")), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else None
 
 
 def setup_plotly() -> None:
@@ -28,34 +61,29 @@ def setup_plotly() -> None:
     pio.renderers.default = "notebook"
 
 
-def banner(model: str) -> None:
+def banner(cfg: RunConfig) -> None:
     from IPython.display import Markdown, display
 
-    if model == "llama2-7b":
-        display(Markdown(RANDOM_WEIGHTS_BANNER.format(model=model)))
-    elif model == "tiny":
+    if cfg.model == "tiny":
         display(Markdown(TINY_BANNER))
+    elif cfg.random_weights:
+        display(Markdown(RANDOM_WEIGHTS_BANNER.format(model=cfg.model)))
 
 
-def run_config_from_params(model: str, tokenizer: str, data: str, recipe: str, attn: str, batch_size: int,
-                           seq_len: int, packing: bool, epochs: int, max_steps: int, gpu_memory_gib: float,
-                           device: str, seed: int) -> RunConfig:
-    """The notebooks' flat papermill parameters -> a validated RunConfig (0 / "" mean unset)."""
-    r = get_recipe(recipe)
-    if attn:
-        r = r.replace(attn_implementation=attn)
-    return RunConfig(model=model, tokenizer=tokenizer or None, data=data, recipe=r, batch_size=batch_size,
-                     seq_len=seq_len, packing=packing, epochs=epochs, max_steps=max_steps or None,
-                     device=device, gpu_memory_gib=gpu_memory_gib or None, seed=seed)
+def table(data, na: str = "–", precision: int = 2):
+    """A report table: no index column, "–" (or a short reason) where there is no value, ``precision``
+    decimals for floats. ``data``: a DataFrame or anything ``pd.DataFrame`` takes (list of row dicts)."""
+    df = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+    return df.style.hide(axis="index").format(precision=precision, na_rep=na, thousands=",")
 
 
 def config_table(cfg: RunConfig) -> pd.DataFrame:
     """Every resolved knob, one row each: printed in every report."""
     d = cfg.to_dict()
     recipe = d.pop("recipe")
-    shown = lambda v: "(default)" if v is None else str(v)
+    shown = lambda v: "(default)" if v is None else str(v)  # noqa: E731
     rows = [("run", k, shown(v)) for k, v in d.items()] + [("recipe", k, shown(v)) for k, v in recipe.items()]
-    return pd.DataFrame(rows, columns=["group", "setting", "value"]).set_index(["group", "setting"])
+    return pd.DataFrame(rows, columns=["group", "setting", "value"])
 
 
 def write_json(run_dir: str | Path, relpath: str, obj) -> Path:

@@ -1,67 +1,29 @@
 """The sweep runner behind ``run_all.py``: notebooks in order, with papermill, into one run folder.
 
-Order: 00 setup, 01 data, 02 memory math, then per batch size 03 training and
-04 profiling, then 05 summaries, 06 report. Each executed notebook is saved as
-``.ipynb`` and ``.html`` under ``outputs/<run-id>/``; a failed notebook still gets its
-HTML with the error shown and the sweep goes on. ``summary.json`` and ``index.html``
-are written last, atomically; a folder without them is an unfinished run
-(``run_status.json`` says which). A run folder is never reused.
+Order: 00 setup, 01 data, 02 memory math, then per batch size 03 training and 04 profiling, then
+05 summaries, 06 report. The run's ``RunConfig`` is built and checked once (before any folder exists),
+saved as ``run_config.json`` and handed to every notebook as its ``config`` parameter. Each executed
+notebook is saved as ``.ipynb`` and ``.html`` under ``outputs/<run-id>/``; a failed notebook still gets
+its HTML with the error shown and the sweep goes on. ``summary.json`` and ``index.html`` are written
+last, atomically; ``run_status.json`` says whether the run is running, complete or failed. A run folder
+is never reused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import html
 import json
 import os
+import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from loralab.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
-
-
-def launch_args(**kw):
-    """``loralab.distributed.LaunchArgs(**kw)``, checked on construction (a ConfigError names the bad option)."""
-    from loralab.distributed import LaunchArgs  # torch: imported only when needed
-
-    return LaunchArgs(**kw)
-
-
-@dataclass
-class SweepArgs:
-    """What run_all.py was asked to do (validated before any folder is made)."""
-
-    batch_sizes: list[int] | str = field(default_factory=lambda: [1, 4, 7, 8])
-    model: str = "tiny"
-    tokenizer: str = ""
-    data: str = "builtin"
-    recipe: str = ""
-    """"" = the model's default: "demo" for the tiny preset, "seed" (the study's) otherwise."""
-    attn: str = ""
-    seq_len: int = 2048
-    packing: bool | None = None
-    """None = the recipe's (seed packs, as llama-recipes; demo does not)."""
-    epochs: int = 1
-    max_steps: int | None = None
-    gpu_memory_gib: float | None = None
-    device: str = "auto"
-    seed: int = 42
-    out: str = "outputs"
-    run_id: str = ""
-    notebooks: list[str] = field(default_factory=lambda: ["00", "01", "02", "03", "04", "05", "06"])
-    eval_examples: int = 50
-    launch: Any = field(default_factory=launch_args)
-    """loralab.distributed.LaunchArgs (torchrun's options, checked when built): training runs under torchrun
-    when nproc * nnodes > 1."""
-    scaling_reference: str = ""
-    """An earlier run folder (same model, recipe, seq_len; fewer GPUs): 06 adds a scaling plot."""
 
 
 def notebook_path(prefix: str) -> Path:
@@ -71,73 +33,42 @@ def notebook_path(prefix: str) -> Path:
     return found[0]
 
 
-TINY_DEFAULTS = {"recipe": "demo", "max_steps": 300}
-"""The built-in default (tiny model, CPU): a recipe a small model learns from in seconds, and a
-step budget that keeps the whole sweep within minutes. Applied only where the user chose nothing."""
-
-
-def apply_defaults(a: SweepArgs) -> list[str]:
-    """Fill what the user left open; returns a line per default applied (printed by the runner)."""
-    notes = []
-    if not a.recipe:
-        a.recipe = TINY_DEFAULTS["recipe"] if a.model == "tiny" else "seed"
-        notes.append(f"recipe {a.recipe} (the default for {'the tiny model' if a.model == 'tiny' else 'this model'}; "
-                     f"--recipe seed|fast|qlora|demo to choose)")
-    if a.max_steps is None and a.model == "tiny" and a.recipe == TINY_DEFAULTS["recipe"]:
-        a.max_steps = TINY_DEFAULTS["max_steps"]
-        notes.append(f"at most {a.max_steps} steps per batch size (the tiny default; --max-steps N to change)")
-    return notes
-
-
-def run_config(a: SweepArgs, batch_size: int = 1) -> RunConfig:
-    from loralab.config import get_recipe
-
-    recipe = get_recipe(a.recipe)
-    if a.attn:
-        recipe = recipe.replace(attn_implementation=a.attn)
-    return RunConfig(model=a.model, tokenizer=a.tokenizer or None, data=a.data, recipe=recipe,
-                     batch_size=batch_size, seq_len=a.seq_len, packing=a.packing, epochs=a.epochs,
-                     max_steps=a.max_steps, device=a.device, gpu_memory_gib=a.gpu_memory_gib, seed=a.seed)
-
-
-def validate(a: SweepArgs) -> None:
+def validate(cfg: RunConfig) -> None:
     """Every input checked up front: a bad one stops the run before a folder exists."""
     from loralab.data import load_splits
-    from loralab.model import is_preset, resolve_model_folder
+    from loralab.model import resolve_tokenizer_path
+    from loralab.shape import is_preset, model_config
     from loralab.tokenizer import load_tokenizer
 
-    if a.batch_sizes != "auto":
-        if not a.batch_sizes:
-            raise ConfigError("batch sizes: none given; expected one or more integers >= 1, or 'auto'")
-        for b in a.batch_sizes:
-            run_config(a, b)  # validates batch size, recipe, attention, steps, device, cap
-    else:
+    if cfg.batch_sizes == "auto":
         import torch
 
-        run_config(a, 1)
-        if a.device == "cpu" or not torch.cuda.is_available():
-            raise ConfigError("--batch-sizes auto: needs a CUDA GPU (it confirms the choice with a measured step); on CPU give batch sizes, e.g. --batch-sizes 1 4 7 8")
-    if not is_preset(a.model):
-        resolve_model_folder(a.model)
-    if a.tokenizer:
-        load_tokenizer(a.tokenizer)
-    elif a.model == "llama2-7b":
-        raise ConfigError("tokenizer: the llama2-7b preset has no tokenizer; pass --tokenizer with a Llama 2 tokenizer.model (vocab 32000)")
-    load_splits(a.data)
-    for nb in a.notebooks:
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("--batch-sizes auto: needs a CUDA GPU (it confirms the choice with a measured step); on "
+                              "CPU give batch sizes, e.g. --batch-sizes 1 4 7 8")
+    model_config(cfg.model)  # presets, HF folders and Meta checkpoints: one-line errors for anything else
+    if cfg.tokenizer:
+        load_tokenizer(cfg.tokenizer)
+    elif is_preset(cfg.model) and cfg.model != "tiny":
+        raise ConfigError(f"tokenizer: the {cfg.model} preset has no tokenizer; pass --tokenizer with a Llama 2 "
+                          f"tokenizer.model (vocab 32000)")
+    elif not is_preset(cfg.model) and (Path(cfg.model).expanduser() / "config.json").is_file():
+        resolve_tokenizer_path(cfg, Path(cfg.model).expanduser())  # an HF folder must bring its tokenizer
+    load_splits(cfg.data)
+    for nb in cfg.notebooks:
         notebook_path(nb)
-    if a.scaling_reference:
-        check_scaling_reference(a)
+    if cfg.scaling_reference:
+        check_scaling_reference(cfg)
 
 
-def check_scaling_reference(a: SweepArgs) -> dict:
+def check_scaling_reference(cfg: RunConfig) -> dict:
     """The reference run's summary.json; a one-line ConfigError when it cannot serve as one."""
-    ref = Path(a.scaling_reference).expanduser()
+    ref = Path(cfg.scaling_reference).expanduser()
     summary = _read_json(ref / "summary.json")
     if summary is None:
         raise ConfigError(f"--scaling-reference {str(ref)!r}: expected an earlier run folder with a summary.json")
     c = summary.get("config", {})
-    mine = {"model": a.model, "recipe": a.recipe, "seq_len": a.seq_len}
+    mine = {"model": cfg.model, "recipe": cfg.recipe.name, "seq_len": cfg.seq_len}
     theirs = {"model": c.get("model"), "recipe": (c.get("recipe") or {}).get("name"), "seq_len": c.get("seq_len")}
     if mine != theirs:
         raise ConfigError(f"--scaling-reference {str(ref)!r}: it ran {theirs}; expected the same model, recipe and "
@@ -145,11 +76,19 @@ def check_scaling_reference(a: SweepArgs) -> dict:
     return summary
 
 
-def new_run_dir(a: SweepArgs) -> Path:
-    out = Path(a.out)
+def default_run_id(cfg: RunConfig) -> str:
+    """time-model-recipe plus a short random suffix: unique even for sweeps started in the same second."""
+    from loralab.config import RECIPES
+
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = a.run_id or f"{stamp}-{Path(a.model).name}-{a.recipe}{'-' + a.attn if a.attn else ''}"
-    run_dir = out / name
+    registered = RECIPES.get(cfg.recipe.name)
+    attn = "" if registered and registered.attn_implementation == cfg.recipe.attn_implementation else f"-{cfg.recipe.attn_implementation}"
+    return f"{stamp}-{Path(cfg.model).name}-{cfg.recipe.name}{attn}-{secrets.token_hex(2)}"
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.out)
+    run_dir = out / (cfg.run_id or default_run_id(cfg))
     if run_dir.exists():
         raise ConfigError(f"run folder {str(run_dir)!r} exists; a run never overwrites another (choose another --run-id)")
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +192,7 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
     def gpu_cells(s: dict) -> str:  # several GPUs: the global batch, per-GPU throughput and each GPU's peak
         if not multi:
             return ""
-        per = ", ".join(_fmt(r.get("peak_reserved_gib"), ".2f") for r in s.get("per_rank") or []) or "-"
+        per = ", ".join(_fmt(r.get("peak_reserved_gib"), ".2f") for r in s.get("per_rank") or []) or "–"
         return (f"<td>{s['batch_size']} x {s.get('world_size') or 1} x {s.get('grad_accum') or 1} = "
                 f"{_fmt(s.get('global_batch_size'), 'd')}</td><td>{_fmt(s.get('tokens_per_s_per_gpu'), ',.0f')} tok/s</td>"
                 f"<td>{per}</td>")
@@ -261,7 +200,7 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
     sweep = "\n".join(
         f"<tr><td>{s['batch_size']}</td><td class='{s['status']}'>{s['status']}</td>"
         f"<td>{'n/a (no GPU)' if s.get('peak_reserved_gib') is None else format(s['peak_reserved_gib'], '.2f') + ' GiB'}</td><td>{_fmt(s.get('tokens_per_s'), ',.0f')} tok/s</td>"
-        f"<td>{_fmt(s.get('epoch_time_s'), ',.0f')} s ({html.escape(str(s.get('epoch_time_kind') or '-'))})</td>{gpu_cells(s)}</tr>"
+        f"<td>{_fmt(s.get('epoch_time_s'), ',.0f')} s ({html.escape(str(s.get('epoch_time_kind') or '–'))})</td>{gpu_cells(s)}</tr>"
         for s in summary.get("sweep", []))
     gpu_heads = ("<th>batch per GPU x GPUs x accumulation = global</th><th>throughput per GPU</th>"
                  "<th>peak reserved per GPU (GiB)</th>") if multi else ""
@@ -270,7 +209,7 @@ def write_index(run_dir: Path, records: list[dict], summary: dict) -> None:
         banner = ("<p class='warn'><b>Built-in tiny model</b>: a 2-layer Llama built locally so the sweep runs on a "
                   "CPU in minutes. It shows how loralab works, not what a 7B model costs.</p>")
     elif summary.get("random_weights"):
-        banner = ("<p class='warn'><b>Random weights</b> (the Llama-2-7B shape): memory, time and FLOPs are real; "
+        banner = ("<p class='warn'><b>Random weights</b> (the model's shape only): memory, time and FLOPs are real; "
                   "loss values and summaries mean nothing.</p>")
     else:
         banner = ""
@@ -290,97 +229,83 @@ Start with the <a href="06_report.html">cross-batch report</a>.</p>
 
 
 def _link(name: str | None) -> str:
-    return f'<a href="{html.escape(name)}">report</a>' if name else "-"
+    return f'<a href="{html.escape(name)}">report</a>' if name else "–"
 
 
 def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    return "–" if v is None else format(v, spec)
 
 
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def collect_summary(run_dir: Path, a: SweepArgs, batch_sizes: list[int], records: list[dict],
-                    started: str, elapsed: float) -> dict:
-    cfg = run_config(a, batch_sizes[0] if batch_sizes else 1).to_dict()
-    cfg.pop("batch_size")
+SWEEP_KEYS = ("status", "steps_per_epoch", "peak_allocated_gib", "peak_reserved_gib", "peak_device_used_gib",
+              "tokens_per_s", "epoch_time_s", "epoch_time_kind", "final_loss", "error", "predicted_peak_gib",
+              "world_size", "strategy", "grad_accum", "global_batch_size", "tokens_per_s_per_gpu", "per_rank")
+
+
+def collect_summary(run_dir: Path, cfg: RunConfig, records: list[dict], started: str, elapsed: float) -> dict:
+    from loralab.train import TrainResult
+
     data = _read_json(run_dir / "results" / "data.json") or {}
     setup = _read_json(run_dir / "results" / "setup.json") or {}
     sweep = []
-    for bs in batch_sizes:
-        tr = _read_json(run_dir / f"bs{bs}" / "train_result.json")
+    for bs in cfg.batch_sizes if cfg.batch_sizes != "auto" else []:
+        tr = TrainResult.load(run_dir / f"bs{bs}")
         prof = _read_json(run_dir / f"bs{bs}" / "profile.json") or {}
         rec = next((r for r in records if r["notebook"].startswith("03") and r["tag"] == f"bs{bs}"), None)
-        row = {"batch_size": bs, "status": "error", "steps_per_epoch": None, "peak_allocated_gib": None,
-               "peak_reserved_gib": None, "peak_device_used_gib": None, "tokens_per_s": None,
-               "epoch_time_s": None, "epoch_time_kind": None, "final_loss": None, "error": None}
+        row = {"batch_size": bs, **dict.fromkeys(SWEEP_KEYS)}
         if tr:
-            row.update({k: tr.get(k) for k in ("status", "steps_per_epoch", "peak_allocated_gib",
-                                               "peak_reserved_gib", "peak_device_used_gib", "tokens_per_s",
-                                               "epoch_time_s", "epoch_time_kind", "final_loss", "error")})
-            row["predicted_peak_gib"] = tr.get("predicted_peak_gib")
-            for k in ("world_size", "strategy", "grad_accum", "global_batch_size", "tokens_per_s_per_gpu", "per_rank"):
-                if k in tr:
-                    row[k] = tr[k]
-        elif rec:
-            row["error"] = rec["error"] or "training notebook wrote no result"
+            d = tr.to_dict()
+            row.update({k: d[k] for k in SWEEP_KEYS})
+        else:
+            row["status"] = "error" if rec else "not run"
+            row["error"] = (rec["error"] or "training notebook wrote no result") if rec else None
         for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu"):
             if k in prof:
                 row[k] = prof[k]
         sweep.append(row)
     summary = {"run_id": run_dir.name, "started": started, "elapsed_s": round(elapsed, 1),
-               "random_weights": setup.get("random_weights"), "config": cfg,
+               "random_weights": cfg.random_weights, "config": cfg.to_dict(),
                "data": {k: data.get(k) for k in ("train_chunks", "val_chunks", "test_chunks", "train_tokens")},
                "sweep": sweep, "notebooks": records, "environment": setup.get("environment")}
-    auto = _read_json(run_dir / "results" / "autobatch.json")
-    if auto:
-        summary["auto_batch"] = auto
-    ev = _read_json(run_dir / "results" / "eval.json")
-    if ev:
-        summary["eval"] = ev
-    sc = _read_json(run_dir / "results" / "scaling.json")
-    if sc:
-        summary["scaling"] = sc
+    for key, name in (("auto_batch", "autobatch"), ("eval", "eval"), ("scaling", "scaling")):
+        found = _read_json(run_dir / "results" / f"{name}.json")
+        if found:
+            summary[key] = found
     return summary
 
 
-def build_plan(notebooks: list[str], batch_sizes: list[int], eval_examples: int = 50,
-               random_weights: bool = False) -> list[tuple[str, str, dict]]:
+def build_plan(cfg: RunConfig) -> list[tuple[str, str, dict]]:
     """(notebook prefix, tag, extra parameters) in run order: 00 01 02, then 03/04 per batch size, 05 06."""
-    plan: list[tuple[str, str, dict]] = []
-    for nb in ("00", "01", "02"):
-        if nb in notebooks:
-            plan.append((nb, "", {"batch_sizes": batch_sizes} if nb == "02" else {}))
-    for bs in batch_sizes:
-        for nb in ("03", "04"):
-            if nb in notebooks:
-                plan.append((nb, f"bs{bs}", {"batch_size": bs}))
-    if "05" in notebooks:
-        plan.append(("05", "", {"n_examples": eval_examples, "random_weights": random_weights}))
-    if "06" in notebooks:
-        plan.append(("06", "", {"batch_sizes": batch_sizes}))
+    plan: list[tuple[str, str, dict]] = [(nb, "", {}) for nb in ("00", "01", "02") if nb in cfg.notebooks]
+    for bs in cfg.batch_sizes:
+        plan += [(nb, f"bs{bs}", {"batch_size": bs}) for nb in ("03", "04") if nb in cfg.notebooks]
+    plan += [(nb, "", {}) for nb in ("05", "06") if nb in cfg.notebooks]
     return plan
 
 
-def best_adapter(run_dir: Path, batch_sizes: list[int]) -> str:
+def best_adapter(run_dir: Path, cfg: RunConfig) -> str:
     """The adapter that saw the most training rows (steps x batch size); "" if none trained."""
+    from loralab.train import TrainResult
+
     best, best_rows = "", -1
-    for bs in batch_sizes:
-        tr = _read_json(run_dir / f"bs{bs}" / "train_result.json")
-        if tr and tr["status"] == "ok" and tr.get("adapter_dir") and tr["steps_done"] * bs > best_rows:
-            best, best_rows = tr["adapter_dir"], tr["steps_done"] * bs
+    for bs in cfg.batch_sizes:
+        tr = TrainResult.load(run_dir / f"bs{bs}")
+        if tr and tr.status == "ok" and tr.adapter_dir and tr.steps_done * bs > best_rows:
+            best, best_rows = tr.adapter_dir, tr.steps_done * bs
     return best
 
 
-def resolve_auto_batch(a: SweepArgs, run_dir: Path, log=print) -> list[int]:
+def resolve_auto_batch(cfg: RunConfig, run_dir: Path, log=print) -> list[int]:
     """--batch-sizes auto, in its own process (its CUDA context must not linger into the notebooks)."""
     import subprocess
     import sys
 
     cfg_file, out_file = run_dir / "results" / "autobatch_config.json", run_dir / "results" / "autobatch.json"
-    cfg_file.write_text(json.dumps(run_config(a, 1).to_dict()))
-    log("auto batch size: predicting with the memory model, confirming with one measured step ...", flush=True)
+    cfg.at_batch(1).save(cfg_file)
+    log("auto batch size: predicting with the memory model, confirming with one measured training step ...", flush=True)
     rc = subprocess.call([sys.executable, "-m", "loralab.autobatch", str(cfg_file), str(out_file)])
     res = _read_json(out_file) or {"error": f"autobatch exited with {rc} and wrote no result"}
     if "error" in res:
@@ -391,46 +316,45 @@ def resolve_auto_batch(a: SweepArgs, run_dir: Path, log=print) -> list[int]:
     return [res["chosen"]]
 
 
-def run_sweep(a: SweepArgs, log=print) -> Path:
-    notes = apply_defaults(a)
-    validate(a)
-    for n in notes:
+def run_sweep(cfg: RunConfig, log=print) -> Path:
+    """Check, make the run folder, run every notebook of the plan, write summary.json and index.html."""
+    validate(cfg)
+    for n in cfg.defaults_applied:
         log(f"loralab: default: {n}")
-    run_dir = new_run_dir(a)
+    run_dir = new_run_dir(cfg)
     (run_dir / "results").mkdir()
     started = dt.datetime.now().isoformat(timespec="seconds")
     _write_json_atomic(run_dir / "run_status.json", {"status": "running", "started": started})
     t_start = time.perf_counter()
     records: list[dict] = []
-    base = {"model": a.model, "tokenizer": a.tokenizer, "data": a.data, "recipe": a.recipe, "attn": a.attn,
-            "seq_len": a.seq_len, "packing": run_config(a, 1).packing, "epochs": a.epochs, "max_steps": a.max_steps or 0,
-            "gpu_memory_gib": a.gpu_memory_gib or 0.0, "device": a.device, "seed": a.seed,
-            "run_dir": str(run_dir.resolve()), "eval_examples": a.eval_examples,
-            **{k: v for k, v in dataclasses.asdict(a.launch).items() if k != "timeout_s"},
-            "scaling_reference": str(Path(a.scaling_reference).expanduser().resolve()) if a.scaling_reference else ""}
     try:
-        batch_sizes = list(a.batch_sizes) if a.batch_sizes != "auto" else resolve_auto_batch(a, run_dir, log)
+        if cfg.batch_sizes == "auto":
+            cfg = RunConfig.from_dict({**cfg.to_dict(), "batch_sizes": resolve_auto_batch(cfg, run_dir, log)})
     except ConfigError as e:  # the folder says it failed; it holds no report that looks complete
         _write_json_atomic(run_dir / "run_status.json", {"status": "failed", "started": started, "error": str(e)})
         raise
-    plan = build_plan(a.notebooks, batch_sizes, a.eval_examples, random_weights=a.model == "llama2-7b")
+    cfg.save(run_dir / "run_config.json")
+    plan = build_plan(cfg)
     log(f"loralab: run folder {run_dir}  ({len(plan)} notebooks)")
+    base = {"config": cfg.to_dict(), "run_dir": str(run_dir.resolve())}
     status = "interrupted"
     try:
         for i, (nb, tag, extra) in enumerate(plan, 1):
             if nb == "05":
-                extra = {**extra, "adapter_dir": best_adapter(run_dir, batch_sizes)}
+                extra = {**extra, "adapter_dir": best_adapter(run_dir, cfg)}
             label = f"{notebook_path(nb).stem}{' ' + tag if tag else ''}"
             log(f"[{i}/{len(plan)}] {label:<28}", end="", flush=True)
             rec = execute(nb, run_dir, {**base, **extra}, tag)
             records.append(rec)
-            tr = _read_json(run_dir / tag / "train_result.json") if nb == "03" else None
-            note = f" (training: {tr['status']})" if tr else ""
+            from loralab.train import TrainResult
+
+            tr = TrainResult.load(run_dir / tag) if nb == "03" else None
+            note = f" (training: {tr.status})" if tr else ""
             log(f" {rec['status']}{note} in {rec['elapsed_s']:.1f} s" + (f"  -- {rec['error']}" if rec["error"] else ""))
         status = "complete"
     finally:
         elapsed = time.perf_counter() - t_start
-        summary = collect_summary(run_dir, a, batch_sizes, records, started, elapsed)
+        summary = collect_summary(run_dir, cfg, records, started, elapsed)
         summary["status"] = status
         _write_json_atomic(run_dir / "summary.json", summary)
         write_index(run_dir, records, summary)

@@ -1,54 +1,59 @@
-"""loralab's training loop: readable, one JSON line per step, out-of-memory as a result.
+"""loralab's training: one loop for one process or many, one step, one typed result.
 
-Phases: setup (optimizer, scheduler, seed), train (steps), finish (adapter, result).
-Per step it logs step, epoch, loss, lr, tokens, tokens/s, step time and the peak
-memory of that step (allocated, reserved, active; the allocator's peaks are reset
-before each step), plus the device memory in use as a monitor shows it (CUDA
-context included). A CUDA out-of-memory error ends the run with status "oom",
-the batch size and the memory at the failure; memory is freed so the caller can
-go on (the sweep tries the next batch size).
+``run_training(cfg, out_dir)`` is what notebook 03 calls: one process trains in this process
+(world size 1); several (``cfg.nproc * cfg.nnodes > 1``) train under torchrun
+(``loralab.distributed.launch``), where every rank runs ``train_on_rank``, the function the single
+process runs too. ``train`` is the loop; ``training_step`` the step (forward, the recipe's loss,
+backward, optimizer step) that training, ``--batch-sizes auto``, the profilers and the benchmarks
+all call; ``forward_backward`` the one place ``.backward()`` runs.
 
-As llama-recipes (2023): AdamW(lr, weight_decay), StepLR(step_size=1, gamma)
-stepped once per epoch, sequential batches with drop_last, no autocast unless
-the recipe asks, loss = HF causal-LM loss over every token.
+Phases: setup (optimizer, scheduler, seed), train (steps), finish (adapter, result). Per step, rank 0
+writes one JSON line to ``steps.jsonl``: step, epoch, loss, lr, tokens, tokens/s, step time, and the
+peak memory of that step on every rank (allocated, reserved, active; the allocator's peaks are reset
+before each step) plus the device memory in use as a monitor shows it (CUDA context included).
+
+As llama-recipes (2023): AdamW(lr, weight_decay), StepLR(step_size=1, gamma) stepped once per epoch,
+sequential batches with drop_last, no autocast unless the recipe asks, loss over every token.
+
+Out-of-memory is a result: the run ends with status "oom", the step and the memory at the failure,
+and memory is given back so the sweep can go on. A non-finite loss is a bug, not a result: it raises.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
+import dataclasses
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from loralab.config import RunConfig
-from loralab.data import TokenizedSplit, batches
-from loralab.fast import forward_loss
-from loralab.model import DTYPES
+from loralab import distributed as D
+from loralab.config import ConfigError, RunConfig
+from loralab.device import GIB, MemoryMeter, free_memory, is_oom, sync
+from loralab.fast import IGNORE_INDEX
 
-GIB = 2**30
-
-
-def is_oom(exc: BaseException) -> bool:
-    """A CUDA (or bitsandbytes) out-of-memory error."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+RESULT_FILE = "train_result.json"
 
 
 @dataclass
 class TrainResult:
-    status: str  # "ok" | "oom"
+    """What one training run (one batch size) did: written once, by ``TrainResult.save``, read by the runner
+    and notebooks 03, 04 and 06 with ``TrainResult.load``."""
+
+    status: str
+    """"ok", "oom" (out of memory: a result) or "error" (the run did not finish)."""
     batch_size: int
-    steps_per_epoch: int
-    steps_done: int
-    total_steps: int
-    tokens_per_step: float
-    """Tokens a step trains on: batch x seq_len when packed; the measured mean (padding excluded) otherwise."""
+    """Per-process (per-GPU) batch size."""
+    steps_per_epoch: int = 0
+    steps_done: int = 0
+    total_steps: int = 0
+    tokens_per_step: float = 0.0
+    """Tokens a step trains on, all processes together, padding excluded (the mean over the steady steps)."""
     final_loss: float | None = None
     tokens_per_s: float | None = None
     step_time_s: float | None = None
@@ -59,183 +64,320 @@ class TrainResult:
     peak_reserved_gib: float | None = None
     peak_active_gib: float | None = None
     peak_device_used_gib: float | None = None
-    """Device memory in use as nvidia-smi shows it (CUDA context and other processes included)."""
+    """Device memory in use as nvidia-smi shows it (CUDA context and other processes included); the largest GPU."""
     error: str | None = None
     oom_memory: dict | None = None
     adapter_dir: str | None = None
     losses: list[float] = field(default_factory=list)
+    # several processes (world_size 1: one process)
+    world_size: int = 1
+    strategy: str = "single process"
+    grad_accum: int = 1
+    global_batch_size: int | None = None
+    tokens_per_s_per_gpu: float | None = None
+    per_rank: list[dict] = field(default_factory=list)
+    """Each rank's peaks over the run."""
+    rank_status: list[str] = field(default_factory=list)
+    # known before training
+    predicted_peak_gib: float | None = None
+    """The memory model's predicted peak reserved memory (per GPU)."""
+    predicted_device_gib: float | None = None
+    random_weights: bool | None = None
+    trainable_params: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
+
+    def save(self, out_dir: Path) -> Path:
+        """Write ``train_result.json`` in ``out_dir`` atomically (no half-written result ever looks complete)."""
+        path = Path(out_dir) / RESULT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "TrainResult | None":
+        path = Path(out_dir) / RESULT_FILE
+        if not path.exists():
+            return None
+        d = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class MemoryMeter:
-    """Per-step peaks from the CUDA caching allocator (zeros on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def read(self) -> dict[str, float]:
-        if not self.cuda:  # no device memory to measure on CPU: say nothing rather than 0
-            return {"peak_allocated_gib": None, "peak_reserved_gib": None, "peak_active_gib": None,
-                    "device_used_gib": None}
-        s = torch.cuda.memory_stats(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        return {
-            "peak_allocated_gib": s.get("allocated_bytes.all.peak", 0) / GIB,
-            "peak_reserved_gib": s.get("reserved_bytes.all.peak", 0) / GIB,
-            "peak_active_gib": s.get("active_bytes.all.peak", 0) / GIB,
-            "device_used_gib": (total - free) / GIB,
-        }
-
-    def now(self) -> dict[str, float]:
-        if not self.cuda:
-            return {}
-        return {"allocated_gib": torch.cuda.memory_allocated(self.device) / GIB,
-                "reserved_gib": torch.cuda.memory_reserved(self.device) / GIB,
-                "max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
-                "max_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB}
+# --- the step ------------------------------------------------------------------------------------
+def forward_backward(model, batch: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """Forward, the recipe's loss, backward. ``model``: ``distributed.wrap_model``'s module (``loss = model(batch)``).
+    Returns the loss, detached. The logits never outlive the forward (freed inside the loss)."""
+    loss = model(batch)
+    (loss * scale if scale != 1.0 else loss).backward()
+    return loss.detach()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # CPU-GPU sync: step times must include the GPU's work
+def training_step(model, micro_batches: list[dict[str, torch.Tensor]], optimizer, ctx: D.DistContext) -> tuple[float, int]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation): (this rank's share of the step's loss,
+    tokens this rank trained on).
+
+    The step's loss is the mean over every target token of every micro-batch of every rank, as one process
+    with the whole global batch computes it: each micro-batch's mean loss is weighted by its share of the
+    step's target tokens (counted across ranks first: one small all-reduce), so padded rows of different
+    lengths weigh what their tokens weigh, and DDP's and FSDP's gradient averaging over ranks is undone by
+    the world size. With packed rows every share is equal (1 / accumulation steps). DDP all-reduces on the
+    last micro-batch only (with static_graph, i.e. reentrant checkpointing, DDP cannot skip a sync: it
+    all-reduces every micro-batch, the same sum at a small cost for LoRA gradients); FSDP reduce-scatters on
+    the last one only. The rank shares of the returned loss sum to the step's loss."""
+    batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in micro_batches]
+    targets = [int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches]
+    all_targets = D.all_reduce_sum(ctx, sum(targets))
+    loss_share = torch.zeros((), device=ctx.device)
+    for i, (batch, n) in enumerate(zip(batches, targets)):
+        weight = n / all_targets
+        last = i == len(batches) - 1
+        no_sync = ctx.enabled and ctx.strategy == "ddp" and not last and not getattr(model, "static_graph", False)
+        if ctx.enabled and ctx.strategy == "fsdp":
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            loss_share += weight * forward_backward(model, batch, scale=weight * ctx.world_size)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_share), sum(int(b["attention_mask"].sum()) for b in batches)
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def optimizer_setup(model, cfg: RunConfig, device: torch.device):
-    """(AdamW, StepLR stepped once per epoch, autocast context), seeded: as llama-recipes (2023)."""
+def optimizer_setup(model, cfg: RunConfig):
+    """(AdamW over the trainable parameters, StepLR stepped once per epoch), seeded: as llama-recipes (2023)."""
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.recipe.learning_rate, weight_decay=cfg.recipe.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.recipe.lr_gamma)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.recipe.compute_dtype])
-                if cfg.recipe.autocast else contextlib.nullcontext())
-    return opt, sched, autocast
+    return opt, sched
 
 
-def train(cfg: RunConfig, model, train_split: TokenizedSplit, out_dir: Path, pad_id: int,
-          progress=print) -> TrainResult:
-    """Train ``model`` (a PeftModel) on ``train_split``; write steps.jsonl and the adapter to ``out_dir``."""
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def _nan(v):
+    return math.nan if v is None else float(v)
+
+
+def _none(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D.DistContext | None = None,
+          progress=print, known: dict | None = None, inject_oom: tuple[set[int], int] | None = None) -> TrainResult:
+    """Train ``model`` (``distributed.wrap_model``'s module around a PeftModel) on ``train_split``.
+
+    Every rank runs this; rank 0 writes ``steps.jsonl``, the adapter and ``train_result.json`` to
+    ``out_dir``. ``known``: fields of the result known before training (the memory model's prediction).
+    ``inject_oom = (ranks, step)`` raises a fake out-of-memory error on those ranks at that step (tests:
+    a real CUDA out-of-memory error cannot happen on a CPU).
+
+    Global step g covers training rows [g*G, (g+1)*G) in order (G = batch x world size x accumulation);
+    after every step the ranks exchange one small vector (ok flag, loss, step time, tokens, peak memory)
+    over a gloo control group with its own timeout, so an out-of-memory error on any rank stops every
+    rank at the same step (``loralab.distributed``).
+    """
+    ctx = ctx or D.DistContext(device=next(model.parameters()).device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(p for p in model.parameters()).device
-    bs = cfg.batch_size
-    steps_per_epoch = train_split.steps_per_epoch(bs)
-    result = TrainResult(status="ok", batch_size=bs, steps_per_epoch=steps_per_epoch, steps_done=0,
-                         total_steps=0, tokens_per_step=bs * train_split.seq_len)
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={bs}: larger than the {len(train_split.rows)} training rows; expected at most {len(train_split.rows)}")
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    result.total_steps = total
+    device, b, W, A = ctx.device, cfg.batch_size, ctx.world_size, ctx.grad_accum
+    G = D.global_batch_size(b, W, A)
+    spe = D.steps_per_epoch(len(train_split.rows), b, W, A)
+    if spe == 0:
+        raise ConfigError(f"batch_size={b}: global batch {G} (batch {b} x {W} process(es) x {A} accumulation) is larger "
+                          f"than the {len(train_split.rows)} training rows; expected at most {len(train_split.rows)}")
+    total = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
+    result = TrainResult(status="ok", batch_size=b, steps_per_epoch=spe, total_steps=total,
+                         tokens_per_step=G * train_split.seq_len, world_size=W, grad_accum=A, global_batch_size=G,
+                         strategy=ctx.strategy if ctx.enabled else "single process", **(known or {}))
     every = cfg.log_every or max(1, total // 20)  # progress lines; steps.jsonl gets every step
 
     # --- setup
-    opt, sched, autocast = optimizer_setup(model, cfg, device)
+    opt, sched = optimizer_setup(model, cfg)
     meter = MemoryMeter(device)
     model.train()
-    log = (out_dir / "steps.jsonl").open("w")
+    log = (out_dir / "steps.jsonl").open("w") if ctx.is_main else None
     times: list[float] = []
     step_tokens: list[int] = []
-    peaks: dict[str, float] = {}
-    step = 0
-    progress(f"training: batch size {bs}, {total} steps ({steps_per_epoch} per epoch), "
-             f"{result.tokens_per_step} tokens per step, device {device}")
+    rank_peaks: list[dict] = [{} for _ in range(W)]
+    step, oom_ranks, error = 0, [], None
+    if ctx.is_main:
+        progress(f"training: batch {b}" + (f" per GPU x {W} GPUs x {A} accumulation = global batch {G}" if G != b else "")
+                 + f", {total} steps ({spe} per epoch), device {device}" + (f", {ctx.strategy}" if ctx.enabled else ""))
+    D.barrier(ctx)  # ranks start the first step together (model loading takes different times)
     t_start = time.perf_counter()
-    outputs = loss = None
     try:
         for epoch in range(cfg.epochs):
-            for batch in batches(train_split, bs, pad_id):
+            for micro in D.rank_batches(train_split, b, pad_id, ctx.rank, W, A):
                 if step >= total:
                     break
-                batch = {k: v.to(device) for k, v in batch.items()}
-                n_tokens = int(batch["attention_mask"].sum())
+                ok, loss_v, n_tokens = 1.0, math.nan, 0
                 meter.reset()
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
-                with autocast:
-                    loss = forward_loss(model, batch, cfg.recipe)  # outputs.loss, or loralab.fast's chunked CE
-                loss_value = loss.detach()
-                del outputs  # free the logits before backward (they would peak with its memory)
-                outputs = None
-                loss.backward()
-                loss = None
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                _sync(device)
+                try:
+                    if inject_oom and ctx.rank in inject_oom[0] and step + 1 == inject_oom[1]:
+                        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+                    loss_v, n_tokens = training_step(model, micro, opt, ctx)
+                    sync(device)
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result
+                    if not is_oom(exc):
+                        raise
+                    ok, error = 0.0, _short(exc)
+                    opt.zero_grad(set_to_none=True)
+                    free_memory(device)
+                    if ctx.enabled:
+                        D.write_rank_record(out_dir, ctx, {"status": "oom", "at_step": step + 1, "error": error, **meter.now()})
                 dt = time.perf_counter() - t0
+                mem = meter.read()
+                try:
+                    rows = D.exchange(ctx, [ok, loss_v, dt, n_tokens] + [_nan(mem[k]) for k in MemoryMeter.KEYS])
+                except Exception:  # noqa: BLE001 - a peer is stuck in a collective this rank left
+                    if ok:
+                        raise
+                    if log:
+                        log.close()
+                    progress(f"rank {ctx.rank}: out of memory at step {step + 1}; peers unreachable, exiting")
+                    os._exit(D.OOM_EXIT_CODE)  # torchrun's agent stops the other workers
+                oom_ranks = [r for r, row in enumerate(rows) if row[0] == 0]
+                if oom_ranks:
+                    result.status = "oom"
+                    result.error = error or f"out of memory on rank(s) {oom_ranks}"
+                    result.oom_memory = {"at_step": step + 1, **({"ranks": oom_ranks} if ctx.enabled else {}), **meter.now()}
+                    if ctx.is_main:
+                        progress(f"out of memory at step {step + 1} (batch size {b})"
+                                 + (f" on rank(s) {oom_ranks}: every rank stops" if ctx.enabled else f": {result.oom_memory}"))
+                    break
                 step += 1
-                lv = float(loss_value)
+                lv = sum(r[1] for r in rows)  # the ranks' shares of the step's loss
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"loss is {lv} at step {step}")
-                mem = meter.read()
-                for k, v in mem.items():
-                    if v is not None:
-                        peaks[k] = max(peaks.get(k, 0.0), v)
-                times.append(dt)
-                step_tokens.append(n_tokens)
+                dt_max = max(r[2] for r in rows)
+                tokens = int(sum(r[3] for r in rows))
+                per_rank = [{"rank": r, "loss_share": row[1], "step_time_s": row[2],
+                             **{k: _none(v) for k, v in zip(MemoryMeter.KEYS, row[4:])}} for r, row in enumerate(rows)]
+                for r, pr in enumerate(per_rank):
+                    for k in MemoryMeter.KEYS:
+                        if pr[k] is not None:
+                            rank_peaks[r][k] = max(rank_peaks[r].get(k, 0.0), pr[k])
+                times.append(dt_max)
+                step_tokens.append(tokens)
                 result.losses.append(lv)
-                rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"],
-                       "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "step_time_s": dt,
-                       "elapsed_s": time.perf_counter() - t_start, **mem}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
                 result.steps_done = step
-                if step == 1 or step == total or step % every == 0:
-                    progress(f"step {step}/{total}  loss {lv:.4f}  {n_tokens / dt:,.0f} tok/s  "
-                             f"{dt:.2f} s/step" + (f"  peak alloc {mem['peak_allocated_gib']:.2f} GiB  "
-                             f"reserved {mem['peak_reserved_gib']:.2f} GiB" if meter.cuda else ""))
-            sched.step()  # StepLR once per epoch, as llama-recipes
-            if step >= total:
+                if ctx.is_main:
+                    worst = {k: max((pr[k] for pr in per_rank if pr[k] is not None), default=None) for k in MemoryMeter.KEYS}
+                    rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"], "tokens": tokens,
+                           "tokens_per_s": tokens / dt_max, "step_time_s": dt_max,
+                           "elapsed_s": time.perf_counter() - t_start, **worst}
+                    if ctx.enabled:
+                        rec.update(tokens_per_s_per_gpu=tokens / dt_max / W, world_size=W, per_gpu_batch_size=b,
+                                   grad_accum=A, global_batch_size=G, ranks=per_rank)
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if step == 1 or step == total or step % every == 0:
+                        peak = worst["peak_reserved_gib"]
+                        progress(f"step {step}/{total}  loss {lv:.4f}  {tokens / dt_max:,.0f} tok/s  {dt_max:.2f} s/step"
+                                 + ("" if peak is None else f"  peak reserved {peak:.2f} GiB"))
+            if oom_ranks or step >= total:
                 break
-    except Exception as exc:  # noqa: BLE001 - only OOM is a result; everything else re-raises
-        if not is_oom(exc):
-            log.close()
-            raise
-        result.status = "oom"
-        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        result.oom_memory = {"at_step": step + 1, **meter.now()}
-        progress(f"out of memory at step {step + 1} (batch size {bs}): {result.oom_memory}")
-        outputs = loss = None
-        opt.zero_grad(set_to_none=True)
-        del opt
-        free_memory(device)
+            sched.step()  # StepLR once per epoch, as llama-recipes
     finally:
-        log.close()
+        if log:
+            log.close()
 
-    # --- finish
+    # --- finish (every rank: the FSDP adapter gather is a collective)
     for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_active_gib"):
-        setattr(result, k, peaks.get(k))
-    result.peak_device_used_gib = peaks.get("device_used_gib")
+        vals = [p[k] for p in rank_peaks if k in p]
+        setattr(result, k, max(vals) if vals else None)
+    used = [p["device_used_gib"] for p in rank_peaks if "device_used_gib" in p]
+    result.peak_device_used_gib = max(used) if used else None
+    result.per_rank = [{"rank": r, **{k: p.get(k) for k in MemoryMeter.KEYS}} for r, p in enumerate(rank_peaks)]
+    result.rank_status = ["oom" if r in oom_ranks else "ok" for r in range(W)]
     if times:
-        k = 2 if len(times) > 4 else 0  # the first steps include warm-up
+        k = 2 if len(times) > 4 else 0  # the first steps include warm-up (and torch.compile)
         steady = times[k:]
         result.step_time_s = sum(steady) / len(steady)
-        # throughput counts the tokens trained on (padding excluded), so unpacked rows are not inflated
         result.tokens_per_step = sum(step_tokens[k:]) / len(steady)
         result.tokens_per_s = sum(step_tokens[k:]) / sum(steady)
+        result.tokens_per_s_per_gpu = result.tokens_per_s / W
         result.final_loss = result.losses[-1]
-        if step >= steps_per_epoch:
-            result.epoch_time_s = sum(times[:steps_per_epoch])
-            result.epoch_time_kind = "measured"
+        if step >= spe:
+            result.epoch_time_s, result.epoch_time_kind = sum(times[:spe]), "measured"
         else:
-            result.epoch_time_s = result.step_time_s * steps_per_epoch
+            result.epoch_time_s = result.step_time_s * spe
             result.epoch_time_kind = f"extrapolated from {len(steady)} steps"
     if result.status == "ok":
-        adapter = out_dir / "adapter"
-        model.save_pretrained(adapter)
-        result.adapter_dir = str(adapter)
-    (out_dir / "train_result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        D.save_adapter(model, ctx, out_dir / "adapter")
+        result.adapter_dir = str(out_dir / "adapter")
+    if ctx.is_main:
+        result.save(out_dir)
+    return result
+
+
+# --- one run, start to end -----------------------------------------------------------------------
+def predict_memory(cfg: RunConfig, model_config, world_size: int, strategy: str, device: str) -> dict:
+    """The memory model's prediction for this run, as TrainResult fields (empty when it does not model the recipe)."""
+    try:
+        bd = D.predict_peak_distributed(model_config, cfg.recipe, cfg.batch_size, cfg.seq_len, world_size,
+                                        strategy if world_size > 1 else "ddp", device=device)
+    except ConfigError:
+        return {}
+    return {"predicted_peak_gib": bd.reserved / GIB, "predicted_device_gib": bd.total / GIB}
+
+
+def train_on_rank(cfg: RunConfig, out_dir: Path, ctx: D.DistContext, progress=print,
+                  inject_oom: tuple[set[int], int] | None = None) -> TrainResult:
+    """Load, tokenise, predict, train: what one process does, alone or as one rank under torchrun."""
+    from loralab.data import load_splits, tokenize_splits
+    from loralab.model import load_for_training
+    from loralab.shape import model_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    known = {"random_weights": cfg.random_weights}
+    try:
+        shard = (lambda m: D.wrap_model(m, ctx, cfg.recipe)) if ctx.strategy == "fsdp" and ctx.enabled else None
+        model, tok, info = load_for_training(cfg, progress=progress if ctx.is_main else (lambda *a: None),
+                                             device=ctx.device, shard=shard)
+        wrapped = model if shard else D.wrap_model(model, ctx, cfg.recipe)
+    except Exception as exc:  # noqa: BLE001 - out of memory while loading or sharding is a result too
+        if not is_oom(exc):
+            raise
+        err = _short(exc)
+        progress(f"out of memory while loading the model: {err}")
+        result = TrainResult(status="oom", batch_size=cfg.batch_size, error=err, world_size=ctx.world_size,
+                             oom_memory={"at_step": 0, "phase": "loading the model"}, **known)
+        if ctx.enabled:
+            D.write_rank_record(out_dir, ctx, {"status": "oom", "at_step": 0, "error": err})
+        if ctx.is_main:
+            result.save(out_dir)
+        return result
+    known.update(trainable_params=info["trainable_params"],
+                 **predict_memory(cfg, model_config(info["model_folder"] or cfg.model), ctx.world_size, ctx.strategy,
+                                  ctx.device.type))
+    if ctx.is_main:
+        (out_dir / "setup.json").write_text(json.dumps({**info, **known, "strategy": ctx.strategy,
+                                                        "world_size": ctx.world_size, "grad_accum": ctx.grad_accum},
+                                                       indent=1, default=str))
+    split = tokenize_splits(tok, load_splits(cfg.data), cfg.seq_len, cfg.packing)["train"]
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    return train(cfg, wrapped, split, out_dir, pad, ctx, progress=progress, known=known, inject_oom=inject_oom)
+
+
+def run_training(cfg: RunConfig, out_dir: Path, progress=print, monitor_interval_s: float = 0.5) -> TrainResult:
+    """Train one batch size of a run into ``out_dir``: in this process (one process) or under torchrun
+    (several), with a background monitor sampling the GPU (or the host) into ``monitor.csv``."""
+    from loralab.gpu_monitor import GpuMonitor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with GpuMonitor(interval_s=monitor_interval_s) as monitor:
+        if cfg.world_size > 1:
+            result = D.launch(cfg, out_dir, progress=progress)
+        else:
+            result = train_on_rank(cfg, out_dir, D.single_process_context(cfg), progress=progress)
+    monitor.dataframe().to_csv(out_dir / "monitor.csv", index=False)
     return result
