@@ -123,11 +123,26 @@ def validate(a: SweepArgs) -> None:
         load_tokenizer(a.tokenizer)
     elif a.model == "llama2-7b":
         raise ConfigError("tokenizer: the llama2-7b preset has no tokenizer; pass --tokenizer with a Llama 2 tokenizer.model (vocab 32000)")
-    load_splits(a.data)
+    check_data(a, load_splits(a.data))
     for nb in a.notebooks:
         notebook_path(nb)
     if a.scaling_reference:
         check_scaling_reference(a)
+
+
+def check_data(a: SweepArgs, splits: dict) -> None:
+    """The train split fills one step of the largest batch (tokenized here; the notebooks reuse the cache)."""
+    from loralab.data import check_trainable, tokenize_split
+    from loralab.model import resolve_model_folder, resolve_tokenizer_path
+    from loralab.tokenizer import load_tokenizer
+
+    cfg = run_config(a, 1)
+    tok = load_tokenizer(cfg.tokenizer or resolve_tokenizer_path(cfg, resolve_model_folder(a.model)))
+    per_gpu = 1 if a.batch_sizes == "auto" else max(a.batch_sizes)
+    gpus = a.launch.nproc * a.launch.nnodes
+    rows = per_gpu * gpus * a.launch.grad_accum
+    batch = f"batch size {per_gpu}" + (f" x {gpus} GPUs x {a.launch.grad_accum} accumulation" if rows > per_gpu else "")
+    check_trainable(tokenize_split(tok, splits["train"], cfg.seq_len, cfg.packing), rows, a.data, batch)
 
 
 def check_scaling_reference(a: SweepArgs) -> dict:
