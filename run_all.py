@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None):
                    help="per-step batch sizes to sweep, or 'auto' (largest that fits the card)")
     p.add_argument("--model", default="tiny", help="preset (tiny, llama2-7b), HF folder, or Meta checkpoint folder")
     p.add_argument("--tokenizer", default="", help="tokenizer.model file or tokenizer folder (default: the model's)")
-    p.add_argument("--data", default="builtin", help="'builtin', a SAMSum folder, or a .json/.jsonl/.csv file")
+    p.add_argument("--data", default="builtin", help="'builtin', a folder (train/val/test files, or save_to_disk), or a .json/.jsonl/.csv/.parquet file")
     p.add_argument("--recipe", default="", help=f"one of {', '.join(RECIPES)} (default: demo for the tiny model, seed otherwise)")
     p.add_argument("--attn", default="", help=f"override the recipe's attention: {', '.join(ATTENTION)}")
     p.add_argument("--seq-len", type=int, default=2048, help="packed chunk length in tokens")

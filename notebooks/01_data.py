@@ -21,7 +21,7 @@
 # %% tags=["parameters"]
 model = "tiny"
 tokenizer = ""
-data = "builtin"  # "builtin", a SAMSum folder, or a .json/.jsonl/.csv file
+data = "builtin"  # "builtin", a folder (train/val/test files, or save_to_disk), or a .json/.jsonl/.csv/.parquet file
 seq_len = 2048
 packing = True
 batch_sizes = [1, 4, 7, 8]
