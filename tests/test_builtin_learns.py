@@ -22,7 +22,7 @@ def test_builtin_default_learns_to_summarise(tmp_path):
     tok = load_tokenizer_for(cfg)
     splits = load_splits("builtin")
 
-    test = splits["test"][:50]
+    test = splits["test"].select(range(50))  # a datasets.Dataset: [:50] would give columns
     prompts = [prompt_ids(tok, ex, with_summary=False) for ex in test]
     refs = [ex["summary"] for ex in test]
     base = load_base_model(resolve_model_folder("tiny"), cfg.recipe, torch.device("cpu"))

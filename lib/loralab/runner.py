@@ -54,11 +54,23 @@ def validate(cfg: RunConfig) -> None:
                           f"tokenizer.model (vocab 32000)")
     elif not is_preset(cfg.model) and (Path(cfg.model).expanduser() / "config.json").is_file():
         resolve_tokenizer_path(cfg, Path(cfg.model).expanduser())  # an HF folder must bring its tokenizer
-    load_splits(cfg.data)
+    check_data(cfg, load_splits(cfg.data))
     for nb in cfg.notebooks:
         notebook_path(nb)
     if cfg.scaling_reference:
         check_scaling_reference(cfg)
+
+
+def check_data(cfg: RunConfig, splits: dict) -> None:
+    """The train split fills one step of the largest batch (tokenized here; the notebooks reuse the cache)."""
+    from loralab.data import check_trainable, tokenize_split
+    from loralab.model import load_tokenizer_for
+
+    per_gpu = 1 if cfg.batch_sizes == "auto" else max(cfg.batch_sizes)
+    rows = per_gpu * cfg.world_size * cfg.grad_accum
+    batch = f"batch size {per_gpu}" + (f" x {cfg.world_size} GPUs x {cfg.grad_accum} accumulation" if rows > per_gpu else "")
+    check_trainable(tokenize_split(load_tokenizer_for(cfg, progress=lambda *a: None), splits["train"], cfg.seq_len,
+                                   cfg.packing), rows, cfg.data, batch)
 
 
 def check_scaling_reference(cfg: RunConfig) -> dict:
