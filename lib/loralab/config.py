@@ -254,6 +254,12 @@ class RunConfig:
     """Cap PyTorch's allocator to emulate a card of this size (40: the study's A100-40GB)."""
     log_every: int = 0
     """Print a progress line every N steps (0: about 20 per run). steps.jsonl has every step."""
+    checkpoint_every_min: float = 10.0
+    """Save a training checkpoint (adapter, optimizer, scheduler, data position, RNG states) every N minutes of
+    training and at the end; 0: only at the end. The last two are kept (bs<N>/checkpoints/)."""
+    resume: bool = False
+    """Continue an interrupted run in its own folder: notebooks that completed are skipped and a training run
+    continues from its last checkpoint (run_all.py --resume RUN_DIR sets it)."""
     # --- several GPUs and nodes (torchrun)
     nproc: int = 1
     """Processes (GPUs) per node; > 1 trains under torchrun. Batch sizes are per GPU."""
@@ -303,6 +309,8 @@ class RunConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: expected an integer >= 1 or None")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        if self.checkpoint_every_min < 0:
+            raise ConfigError(f"checkpoint_every_min={self.checkpoint_every_min}: expected minutes >= 0 (0: only at the end)")
         if self.log_every < 0:
             raise ConfigError(f"log_every={self.log_every}: expected 0 (auto) or an integer >= 1")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:

@@ -222,12 +222,13 @@ def steps_per_epoch(n_rows: int, per_gpu: int, world_size: int, grad_accum: int)
 
 
 def rank_batches(split, per_gpu: int, pad_id: int, rank: int, world_size: int,
-                 grad_accum: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Per global step, this rank's micro-batches (``grad_accum`` of ``per_gpu`` rows each)."""
+                 grad_accum: int, start: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per global step of one epoch, from step ``start`` on, this rank's micro-batches (``grad_accum`` of
+    ``per_gpu`` rows each)."""
     from loralab.data import TokenizedSplit, batches
 
     G = global_batch_size(per_gpu, world_size, grad_accum)
-    for g in range(steps_per_epoch(len(split.rows), per_gpu, world_size, grad_accum)):
+    for g in range(start, steps_per_epoch(len(split.rows), per_gpu, world_size, grad_accum)):
         micro = []
         for m in range(grad_accum):
             start = g * G + (m * world_size + rank) * per_gpu

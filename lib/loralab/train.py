@@ -166,6 +166,45 @@ def _none(v):
 
 
 # --- the loop ------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGINT / SIGTERM during training ask the loop to stop at the end of the current step (checkpoint first);
+    a second signal stops at once. Installed only in the main thread (where Python delivers signals)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._saved: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.signal is not None:  # asked twice: stop now
+            signal.signal(signum, self._saved.get(signum) or signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_steps(path: Path, step: int) -> None:
+    """Keep the step log's lines up to ``step`` (a resumed run rewrites the steps after its checkpoint)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
 def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D.DistContext | None = None,
           progress=print, known: dict | None = None, inject_oom: tuple[set[int], int] | None = None) -> TrainResult:
     """Train ``model`` (``distributed.wrap_model``'s module around a PeftModel) on ``train_split``.
@@ -176,10 +215,19 @@ def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D
     a real CUDA out-of-memory error cannot happen on a CPU).
 
     Global step g covers training rows [g*G, (g+1)*G) in order (G = batch x world size x accumulation);
-    after every step the ranks exchange one small vector (ok flag, loss, step time, tokens, peak memory)
-    over a gloo control group with its own timeout, so an out-of-memory error on any rank stops every
-    rank at the same step (``loralab.distributed``).
+    after every step the ranks exchange one small vector (ok flag, loss, step time, tokens, stop request,
+    peak memory) over a gloo control group with its own timeout, so an out-of-memory error or a stop
+    request on any rank stops every rank at the same step (``loralab.distributed``).
+
+    Checkpoints (``loralab.checkpoint``) every ``cfg.checkpoint_every_min`` minutes of training and at the
+    end; with ``cfg.resume`` the run continues from the newest one in ``out_dir``: the same data position,
+    optimizer, scheduler and RNG states, so the losses continue as if never interrupted. SIGINT / SIGTERM:
+    the current step finishes, a checkpoint is written, the result says "interrupted", KeyboardInterrupt is
+    raised. A non-finite loss stops the run at that step: status "diverged", the last finite checkpoint kept.
     """
+    from loralab import checkpoint
+    from loralab.progress import Progress
+
     ctx = ctx or D.DistContext(device=next(model.parameters()).device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,100 +241,137 @@ def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D
     result = TrainResult(status="ok", batch_size=b, steps_per_epoch=spe, total_steps=total,
                          tokens_per_step=G * train_split.seq_len, world_size=W, grad_accum=A, global_batch_size=G,
                          strategy=ctx.strategy if ctx.enabled else "single process", **(known or {}))
-    every = cfg.log_every or max(1, total // 20)  # progress lines; steps.jsonl gets every step
 
     # --- setup
     opt, sched = optimizer_setup(model, cfg)
     meter = MemoryMeter(device)
     model.train()
-    log = (out_dir / "steps.jsonl").open("w") if ctx.is_main else None
     times: list[float] = []
     step_tokens: list[int] = []
     rank_peaks: list[dict] = [{} for _ in range(W)]
-    step, oom_ranks, error = 0, [], None
+    step, epoch, oom_ranks, error = 0, 0, [], None
+    since_ckpt = 0.0  # seconds of training since the last checkpoint (the same on every rank: from the exchange)
+    resumed = checkpoint.latest(out_dir) if cfg.resume else None
+    if resumed is not None:
+        loop = checkpoint.load(resumed, model, opt, sched, ctx)
+        step, epoch = loop["step"], loop["epoch"]
+        times, step_tokens, rank_peaks, result.losses = loop["times"], loop["step_tokens"], loop["rank_peaks"], loop["losses"]
+        if ctx.is_main:
+            _truncate_steps(out_dir / "steps.jsonl", step)
+            progress(f"resuming from {resumed} (step {step} of {total})")
+    last_checkpoint = step
+    log = (out_dir / "steps.jsonl").open("a" if resumed else "w") if ctx.is_main else None
     if ctx.is_main:
         progress(f"training: batch {b}" + (f" per GPU x {W} GPUs x {A} accumulation = global batch {G}" if G != b else "")
                  + f", {total} steps ({spe} per epoch), device {device}" + (f", {ctx.strategy}" if ctx.enabled else ""))
+
+    def save_checkpoint() -> None:
+        nonlocal last_checkpoint, since_ckpt
+        checkpoint.save(out_dir, model, opt, sched, ctx, {
+            "step": step, "epoch": epoch, "times": times, "step_tokens": step_tokens, "rank_peaks": rank_peaks,
+            "losses": result.losses})
+        last_checkpoint, since_ckpt = step, 0.0
+
+    bar = Progress(total, f"training bs {b}", initial=step) if ctx.is_main else None
     D.barrier(ctx)  # ranks start the first step together (model loading takes different times)
     t_start = time.perf_counter()
+    stop = StopRequest()
     try:
-        for epoch in range(cfg.epochs):
-            for micro in D.rank_batches(train_split, b, pad_id, ctx.rank, W, A):
-                if step >= total:
-                    break
-                ok, loss_v, n_tokens = 1.0, math.nan, 0
-                meter.reset()
-                sync(device)
-                t0 = time.perf_counter()
-                try:
-                    if inject_oom and ctx.rank in inject_oom[0] and step + 1 == inject_oom[1]:
-                        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-                    loss_v, n_tokens = training_step(model, micro, opt, ctx)
+        with stop:
+            while step < total and result.status == "ok":
+                # one epoch; a resumed run starts where its checkpoint was, inside its epoch
+                for micro in D.rank_batches(train_split, b, pad_id, ctx.rank, W, A, start=step - epoch * spe):
+                    ok, loss_v, n_tokens = 1.0, math.nan, 0
+                    meter.reset()
                     sync(device)
-                except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result
-                    if not is_oom(exc):
-                        raise
-                    ok, error = 0.0, _short(exc)
-                    opt.zero_grad(set_to_none=True)
-                    free_memory(device)
-                    if ctx.enabled:
-                        D.write_rank_record(out_dir, ctx, {"status": "oom", "at_step": step + 1, "error": error, **meter.now()})
-                dt = time.perf_counter() - t0
-                mem = meter.read()
-                try:
-                    rows = D.exchange(ctx, [ok, loss_v, dt, n_tokens] + [_nan(mem[k]) for k in MemoryMeter.KEYS])
-                except Exception:  # noqa: BLE001 - a peer is stuck in a collective this rank left
-                    if ok:
-                        raise
-                    if log:
-                        log.close()
-                    progress(f"rank {ctx.rank}: out of memory at step {step + 1}; peers unreachable, exiting")
-                    os._exit(D.OOM_EXIT_CODE)  # torchrun's agent stops the other workers
-                oom_ranks = [r for r, row in enumerate(rows) if row[0] == 0]
-                if oom_ranks:
-                    result.status = "oom"
-                    result.error = error or f"out of memory on rank(s) {oom_ranks}"
-                    result.oom_memory = {"at_step": step + 1, **({"ranks": oom_ranks} if ctx.enabled else {}), **meter.now()}
+                    t0 = time.perf_counter()
+                    try:
+                        if inject_oom and ctx.rank in inject_oom[0] and step + 1 == inject_oom[1]:
+                            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+                        loss_v, n_tokens = training_step(model, micro, opt, ctx)
+                        sync(device)
+                    except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result
+                        if not is_oom(exc):
+                            raise
+                        ok, error = 0.0, _short(exc)
+                        opt.zero_grad(set_to_none=True)
+                        free_memory(device)
+                        if ctx.enabled:
+                            D.write_rank_record(out_dir, ctx, {"status": "oom", "at_step": step + 1, "error": error, **meter.now()})
+                    dt = time.perf_counter() - t0
+                    mem = meter.read()
+                    try:
+                        rows = D.exchange(ctx, [ok, loss_v, dt, n_tokens, float(stop.signal is not None)]
+                                          + [_nan(mem[k]) for k in MemoryMeter.KEYS])
+                    except Exception:  # noqa: BLE001 - a peer is stuck in a collective this rank left
+                        if ok:
+                            raise
+                        if log:
+                            log.close()
+                        progress(f"rank {ctx.rank}: out of memory at step {step + 1}; peers unreachable, exiting")
+                        os._exit(D.OOM_EXIT_CODE)  # torchrun's agent stops the other workers
+                    oom_ranks = [r for r, row in enumerate(rows) if row[0] == 0]
+                    if oom_ranks:
+                        result.status = "oom"
+                        result.error = error or f"out of memory on rank(s) {oom_ranks}"
+                        result.oom_memory = {"at_step": step + 1, **({"ranks": oom_ranks} if ctx.enabled else {}), **meter.now()}
+                        if ctx.is_main:
+                            progress(f"out of memory at step {step + 1} (batch size {b})"
+                                     + (f" on rank(s) {oom_ranks}: every rank stops" if ctx.enabled else f": {result.oom_memory}"))
+                        break
+                    lv = sum(r[1] for r in rows)  # the ranks' shares of the step's loss
+                    if not math.isfinite(lv):
+                        result.status = "diverged"
+                        result.error = f"loss is {lv} at step {step + 1}; the last finite checkpoint is kept"
+                        if ctx.is_main:
+                            progress(f"diverged: {result.error}")
+                        break
+                    step += 1
+                    dt_max = max(r[2] for r in rows)
+                    tokens = int(sum(r[3] for r in rows))
+                    per_rank = [{"rank": r, "loss_share": row[1], "step_time_s": row[2],
+                                 **{k: _none(v) for k, v in zip(MemoryMeter.KEYS, row[5:])}} for r, row in enumerate(rows)]
+                    for r, pr in enumerate(per_rank):
+                        for k in MemoryMeter.KEYS:
+                            if pr[k] is not None:
+                                rank_peaks[r][k] = max(rank_peaks[r].get(k, 0.0), pr[k])
+                    times.append(dt_max)
+                    step_tokens.append(tokens)
+                    result.losses.append(lv)
+                    since_ckpt += dt_max
                     if ctx.is_main:
-                        progress(f"out of memory at step {step + 1} (batch size {b})"
-                                 + (f" on rank(s) {oom_ranks}: every rank stops" if ctx.enabled else f": {result.oom_memory}"))
-                    break
-                step += 1
-                lv = sum(r[1] for r in rows)  # the ranks' shares of the step's loss
-                if not math.isfinite(lv):
-                    raise FloatingPointError(f"loss is {lv} at step {step}")
-                dt_max = max(r[2] for r in rows)
-                tokens = int(sum(r[3] for r in rows))
-                per_rank = [{"rank": r, "loss_share": row[1], "step_time_s": row[2],
-                             **{k: _none(v) for k, v in zip(MemoryMeter.KEYS, row[4:])}} for r, row in enumerate(rows)]
-                for r, pr in enumerate(per_rank):
-                    for k in MemoryMeter.KEYS:
-                        if pr[k] is not None:
-                            rank_peaks[r][k] = max(rank_peaks[r].get(k, 0.0), pr[k])
-                times.append(dt_max)
-                step_tokens.append(tokens)
-                result.losses.append(lv)
-                result.steps_done = step
-                if ctx.is_main:
-                    worst = {k: max((pr[k] for pr in per_rank if pr[k] is not None), default=None) for k in MemoryMeter.KEYS}
-                    rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"], "tokens": tokens,
-                           "tokens_per_s": tokens / dt_max, "step_time_s": dt_max,
-                           "elapsed_s": time.perf_counter() - t_start, **worst}
-                    if ctx.enabled:
-                        rec.update(tokens_per_s_per_gpu=tokens / dt_max / W, world_size=W, per_gpu_batch_size=b,
-                                   grad_accum=A, global_batch_size=G, ranks=per_rank)
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    if step == 1 or step == total or step % every == 0:
+                        worst = {k: max((pr[k] for pr in per_rank if pr[k] is not None), default=None) for k in MemoryMeter.KEYS}
+                        rec = {"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"], "tokens": tokens,
+                               "tokens_per_s": tokens / dt_max, "step_time_s": dt_max,
+                               "elapsed_s": time.perf_counter() - t_start, **worst}
+                        if ctx.enabled:
+                            rec.update(tokens_per_s_per_gpu=tokens / dt_max / W, world_size=W, per_gpu_batch_size=b,
+                                       grad_accum=A, global_batch_size=G, ranks=per_rank)
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
                         peak = worst["peak_reserved_gib"]
-                        progress(f"step {step}/{total}  loss {lv:.4f}  {tokens / dt_max:,.0f} tok/s  {dt_max:.2f} s/step"
-                                 + ("" if peak is None else f"  peak reserved {peak:.2f} GiB"))
-            if oom_ranks or step >= total:
+                        bar.update(1, loss=f"{lv:.4f}", **{"tok/s": f"{tokens / dt_max:,.0f}"},
+                                   **({"peak": f"{peak:.2f} GiB"} if peak is not None else {}))
+                    requested = any(r[4] for r in rows)
+                    if requested or (cfg.checkpoint_every_min and since_ckpt >= 60 * cfg.checkpoint_every_min):
+                        save_checkpoint()
+                    if requested:
+                        result.status = "interrupted"
+                        result.error = f"stopped by a signal after step {step}; resume from {checkpoint.latest(out_dir)}"
+                    if step >= total or result.status != "ok":
+                        break
+                else:  # the epoch's batches ran out
+                    epoch += 1
+                    sched.step()  # StepLR once per epoch, as llama-recipes
+                    continue
                 break
-            sched.step()  # StepLR once per epoch, as llama-recipes
+            if result.status == "ok" and step != last_checkpoint:
+                save_checkpoint()  # at the end: a finished run can be continued for more epochs
     finally:
         if log:
             log.close()
+        if bar:
+            bar.close()
 
     # --- finish (every rank: the FSDP adapter gather is a collective)
     for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_active_gib"):
@@ -295,7 +380,8 @@ def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D
     used = [p["device_used_gib"] for p in rank_peaks if "device_used_gib" in p]
     result.peak_device_used_gib = max(used) if used else None
     result.per_rank = [{"rank": r, **{k: p.get(k) for k in MemoryMeter.KEYS}} for r, p in enumerate(rank_peaks)]
-    result.rank_status = ["oom" if r in oom_ranks else "ok" for r in range(W)]
+    result.rank_status = ["oom" if r in oom_ranks else result.status for r in range(W)]
+    result.steps_done = step
     if times:
         k = 2 if len(times) > 4 else 0  # the first steps include warm-up (and torch.compile)
         steady = times[k:]
@@ -314,6 +400,8 @@ def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D
         result.adapter_dir = str(out_dir / "adapter")
     if ctx.is_main:
         result.save(out_dir)
+    if result.status == "interrupted":
+        raise KeyboardInterrupt(result.error)
     return result
 
 
