@@ -6,3 +6,8 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a kernel without widgets
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.* is deprecated")
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing.* is deprecated")
+
+import logging as _logging
+
+# bitsandbytes says at import, on every CPU, that an optional kernels package is missing; it falls back correctly
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

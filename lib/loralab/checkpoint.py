@@ -16,9 +16,11 @@ moment leaves either a whole checkpoint or none; the two newest are kept (as HF 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +34,14 @@ def _trainable(model) -> dict:
     loaded from the model folder again. (torch's get_state_dict walks every buffer, and bitsandbytes' int8
     layers report state-dict keys that are not attributes.)"""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """One process has no process group; dcp says so on every call ("assuming ... a single process"): it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _options():
@@ -85,7 +95,8 @@ def save(out_dir: Path, model, optimizer, scheduler, ctx, loop: dict) -> Path:
         partial.mkdir(parents=True)
     D.barrier(ctx)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": _trainable(model), "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not ctx.enabled)
+    with _one_process_quiet():
+        dcp.save({"model": _trainable(model), "optim": optim_sd}, checkpoint_id=str(partial), no_dist=not ctx.enabled)
     torch.save(_rng_state(), partial / f"rng-rank{ctx.rank}.pt")
     if ctx.is_main:
         torch.save({"scheduler": scheduler.state_dict(), "loop": loop}, partial / "trainer.pt")
@@ -114,7 +125,8 @@ def load(path: Path, model, optimizer, scheduler, ctx) -> dict:
         raise ConfigError(f"checkpoint {str(path)!r}: written by {done['world_size']} process(es); this run has "
                           f"{ctx.world_size}: resume with the same --nproc and --nnodes")
     state = {"model": _trainable(model), "optim": get_optimizer_state_dict(model, optimizer, options=_options())}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not ctx.enabled)  # the adapter: in place, into the parameters
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not ctx.enabled)  # the adapter: in place, into the parameters
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"], options=_options())
     trainer = torch.load(Path(path) / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])

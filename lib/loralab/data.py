@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -49,6 +50,7 @@ import torch
 from datasets import Dataset
 
 from loralab.config import ConfigError
+from loralab.progress import note
 from loralab.tokenizer import TextTokenizer
 
 PROMPT_TEMPLATE = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
@@ -272,6 +274,10 @@ def tokenize_split(tok: TextTokenizer, examples: Dataset | Sequence[dict[str, st
     # load_splits set the examples' fingerprint from the data's bytes
     key = _digest(examples._fingerprint, tok_key, type(tok).__name__, tok.bos_id, tok.eos_id, PROMPT_TEMPLATE,
                   _CACHE_VERSION)
+    fresh = tok_key is None or not (_cache_dir() / "tokenized" / f"{key}.arrow").exists()
+    t0 = time.perf_counter()
+    if fresh and len(examples) > 1000:
+        note(f"tokenizing {len(examples):,} dialogues (cached under LORALAB_HOME for the next run) ...")
     with _quiet():
         ids = _map(examples, _encode, key, tok_key is not None, input_columns=list(_COLUMNS),
                    remove_columns=examples.column_names, fn_kwargs={"tok": tok},
@@ -282,6 +288,9 @@ def tokenize_split(tok: TextTokenizer, examples: Dataset | Sequence[dict[str, st
     col = _ids_column(chunks)
     rows = (pc.list_flatten(col).to_numpy().reshape(-1, seq_len) if packing
             else list(col.to_numpy(zero_copy_only=False)))
+    if fresh and len(examples) > 1000:
+        note(f"tokenized and {'packed' if packing else 'cut'} {len(examples):,} dialogues into {len(rows):,} rows "
+             f"in {time.perf_counter() - t0:.1f} s")
     return TokenizedSplit(rows=rows, n_examples=len(examples), n_tokens=int(lengths.sum()), lengths=lengths,
                           packed=packing, seq_len=seq_len)
 

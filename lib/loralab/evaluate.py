@@ -216,8 +216,11 @@ def generate_summaries(
             ctx = _Null()
         else:
             ctx = rss = _RSSPeak()
+        from loralab.progress import Progress
+
+        bar = Progress(-(-len(order) // batch_size), f"generating {len(order)} summaries", unit="batch")
         t0 = time.perf_counter()
-        with ctx, torch.inference_mode():
+        with ctx, torch.inference_mode(), bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 ids, mask = _left_pad([prompts[i] for i in idx], pad_id, device)
@@ -225,6 +228,7 @@ def generate_summaries(
                 new = out[:, ids.shape[1]:].tolist()  # strip the (padded) prompt
                 for i, row in zip(idx, new):
                     generated[i] = cut_at_eos(row, eos_id)
+                bar.update(1)
             if on_cuda:
                 torch.cuda.synchronize(device)  # generate is async on CUDA: time the work, not the launch
         seconds = time.perf_counter() - t0

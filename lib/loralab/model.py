@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -351,9 +352,13 @@ def load_for_training(cfg: RunConfig, progress=print, device: torch.device | Non
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"tokenizer {tok.source!r}: vocabulary of {tok.vocab_size} exceeds the model's "
                           f"{mcfg.vocab_size}; expected a tokenizer made for this model")
+    t0 = time.perf_counter()
     if folder is None:
+        progress(f"building {cfg.model} with random weights on {device} ...")
         model = build_random_model(mcfg, cfg.recipe, device, seed=cfg.seed, shard=shard)
     else:
+        progress(f"loading {folder} ({cfg.recipe.quantization if cfg.recipe.quantization != 'none' else cfg.recipe.param_dtype}) "
+                 f"onto {device} ...")
         torch.manual_seed(cfg.seed)
         base = load_base_model(folder, cfg.recipe, torch.device("cpu") if shard is not None else device)
         torch.manual_seed(cfg.seed)
@@ -361,6 +366,8 @@ def load_for_training(cfg: RunConfig, progress=print, device: torch.device | Non
         if shard is not None:
             model = shard(model)
     trainable, total = trainable_parameters(model)
+    size = f"{total / 1e9:.2f} B" if total >= 1e9 else f"{total / 1e6:.1f} M"
+    progress(f"model ready in {time.perf_counter() - t0:.1f} s: {size} parameters, {trainable:,} trainable (LoRA)")
     info = {
         "model_folder": None if folder is None else str(folder),
         "random_weights": random_weights(cfg.model),

@@ -455,11 +455,13 @@ def train_on_rank(cfg: RunConfig, out_dir: Path, ctx: D.DistContext, progress=pr
     return train(cfg, wrapped, split, out_dir, pad, ctx, progress=progress, known=known, inject_oom=inject_oom)
 
 
-def run_training(cfg: RunConfig, out_dir: Path, progress=print, monitor_interval_s: float = 0.5) -> TrainResult:
+def run_training(cfg: RunConfig, out_dir: Path, progress=None, monitor_interval_s: float = 0.5) -> TrainResult:
     """Train one batch size of a run into ``out_dir``: in this process (one process) or under torchrun
     (several), with a background monitor sampling the GPU (or the host) into ``monitor.csv``."""
     from loralab.gpu_monitor import GpuMonitor
+    from loralab.progress import note
 
+    progress = progress or note  # this output, and the runner's console
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with GpuMonitor(interval_s=monitor_interval_s) as monitor:
