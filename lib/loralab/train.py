@@ -78,6 +78,9 @@ class TrainResult:
     per_rank: list[dict] = field(default_factory=list)
     """Each rank's peaks over the run."""
     rank_status: list[str] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+    """Each checkpoint written: {"step", "seconds"} (what resuming costs to make possible)."""
+    resumed_from_step: int | None = None
     # known before training
     predicted_peak_gib: float | None = None
     """The memory model's predicted peak reserved memory (per GPU)."""
@@ -256,6 +259,7 @@ def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D
         loop = checkpoint.load(resumed, model, opt, sched, ctx)
         step, epoch = loop["step"], loop["epoch"]
         times, step_tokens, rank_peaks, result.losses = loop["times"], loop["step_tokens"], loop["rank_peaks"], loop["losses"]
+        result.checkpoints, result.resumed_from_step = loop["checkpoints"], step
         if ctx.is_main:
             _truncate_steps(out_dir / "steps.jsonl", step)
             progress(f"resuming from {resumed} (step {step} of {total})")
@@ -267,9 +271,11 @@ def train(cfg: RunConfig, model, train_split, out_dir: Path, pad_id: int, ctx: D
 
     def save_checkpoint() -> None:
         nonlocal last_checkpoint, since_ckpt
+        t0 = time.perf_counter()
         checkpoint.save(out_dir, model, opt, sched, ctx, {
             "step": step, "epoch": epoch, "times": times, "step_tokens": step_tokens, "rank_peaks": rank_peaks,
-            "losses": result.losses})
+            "losses": result.losses, "checkpoints": result.checkpoints})
+        result.checkpoints.append({"step": step, "seconds": time.perf_counter() - t0})
         last_checkpoint, since_ckpt = step, 0.0
 
     bar = Progress(total, f"training bs {b}", initial=step) if ctx.is_main else None
