@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="cap GPU memory to emulate a smaller card (40 = A100-40GB)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--checkpoint-every-min", type=float, default=10.0,
+                   help="training checkpoints every N minutes and at the end (0: only at the end); the last two kept")
     p.add_argument("--eval-examples", type=int, default=50, help="test dialogues summarised in notebook 05")
     p.add_argument("--notebooks", nargs="+", default=["00", "01", "02", "03", "04", "05", "06"],
                    help="which notebooks to run (prefixes), e.g. --notebooks 00 01 03 06")
