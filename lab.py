@@ -13,7 +13,8 @@ What it sets, for this command only (nothing is written to your home folder's Ju
   JupyterLab's defaults (every .py opens as text);
 * saving writes the .py back (jupytext; no .ipynb beside it) and checkpoints go to a folder in the
   system's temporary directory, not to notebooks/.ipynb_checkpoints;
-* no news feed and no update check (the machine may be offline; nothing reaches outside it).
+* no news feed and no update check (the machine may be offline; nothing reaches outside it);
+* as root (a container, a CI machine), --allow-root: Jupyter refuses to start as root without it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def lab_args(argv: list[str] = ()) -> list[str]:
         "--LabApp.news_url=None",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI machines: Jupyter refuses root without it
+        defaults.append("--allow-root")
 
     def given(option: str) -> bool:
         return any(a == o or a.startswith(o + "=") for a in argv for o in (option, *ALIASES.get(option, ())))

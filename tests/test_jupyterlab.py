@@ -125,8 +125,6 @@ class Lab:
                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
                "--LabApp.expose_app_in_browser=True"]  # lets the test read cells' state from the page
-        if os.geteuid() == 0:  # CI runs as root; Jupyter refuses root without it
-            cmd.append("--allow-root")
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.base, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
