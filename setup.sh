@@ -15,5 +15,5 @@ if [ "${LORALAB_TORCH:-}" != "keep" ]; then
 fi
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -e .
-python -c "import loralab, torch, transformers, peft, bitsandbytes, papermill; print('loralab ready: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| CUDA', torch.cuda.is_available())"
-echo "activate with: . .venv/bin/activate"
+python -c "import loralab, torch, transformers, peft, bitsandbytes, papermill, jupyterlab, jupytext; print('loralab ready: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| JupyterLab', jupyterlab.__version__, '| CUDA', torch.cuda.is_available())"
+echo "activate with: . .venv/bin/activate     notebooks in JupyterLab: python lab.py"

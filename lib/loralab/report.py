@@ -55,10 +55,32 @@ def latest_run(out: Path = REPO / "outputs") -> Path | None:
 
 
 def setup_plotly() -> None:
-    """Offline plotly that survives papermill and nbconvert: set the renderer, never auto-detect."""
-    import plotly.io as pio
+    """Offline plotly for JupyterLab and for papermill -> nbconvert HTML: nothing is fetched from outside.
 
-    pio.renderers.default = "notebook"
+    Each figure's output carries two forms. ``application/vnd.plotly.v1+json``: JupyterLab draws it with
+    plotly's own JupyterLab extension (installed with plotly, served by the local server). ``text/html``:
+    what nbconvert's HTML report shows, a <div> drawn by plotly.js that the first figure after this call
+    embeds inline (once; later figures reuse it). No MathJax script: plotly's stock "notebook" renderer
+    adds one from a CDN to every figure, so a report or a live notebook would reach for the internet.
+    Set explicitly, never auto-detected, so papermill, nbconvert and JupyterLab all get the same outputs.
+    """
+    import plotly.io as pio
+    from plotly.io.base_renderers import MimetypeRenderer
+
+    class OfflineHtml(MimetypeRenderer):
+        def __init__(self) -> None:
+            self.state = {"plotlyjs_embedded": False}  # shared: plotly renders with a shallow copy of us
+
+        def to_mimebundle(self, fig_dict):
+            fig = {k: v for k, v in fig_dict.items() if k != "config"}  # plotly_mimetype adds it in place
+            html = pio.to_html(fig, config=fig_dict.get("config"), include_plotlyjs=not self.state["plotlyjs_embedded"],
+                               include_mathjax=False, full_html=False, default_width="100%",
+                               default_height=525, validate=False)
+            self.state["plotlyjs_embedded"] = True
+            return {"text/html": html}
+
+    pio.renderers["loralab_offline_html"] = OfflineHtml()  # a fresh one per call: plotly.js again after a re-run
+    pio.renderers.default = "plotly_mimetype+loralab_offline_html"
 
 
 def banner(cfg: RunConfig) -> None:

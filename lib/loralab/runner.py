@@ -181,14 +181,26 @@ def _short_error(exc: Exception) -> str:
     return f"{name}: {str(value).splitlines()[0] if str(value) else ''}"[:400]
 
 
+OFFLINE_REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+"""nbconvert's "lab" page without the scripts it fetches from a CDN (require.js, MathJax, Mermaid, the widget
+manager): the reports use none of them (plotly.js is inlined by report.setup_plotly), and they are read offline."""
+
+
 def to_html(nb_path: Path, html_path: Path) -> None:
     import nbformat
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
     # A report, not a listing: code cells are left out of the HTML (the .ipynb beside it has them);
     # outputs, errors included, stay.
-    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True)
+    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+                            extra_loaders=[DictLoader({"loralab_report.html.j2": OFFLINE_REPORT_TEMPLATE})],
+                            template_file="loralab_report.html.j2")
     body, _ = exporter.from_notebook_node(nbformat.read(nb_path, as_version=4))
     html_path.write_text(body, encoding="utf-8")
 
