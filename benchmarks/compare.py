@@ -15,6 +15,7 @@ without them: random token ids, said so in the output). Methods, each in its own
   liger       hf + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy): Axolotl/TRL's switch
   liger_ckpt  the same with checkpointing
   fast        loralab's ``fast`` recipe (loralab.fast; with checkpointing of as few layers as the cap needs)
+  fast8       fast with a frozen FP8 base (loralab.fp8; ``--only fast,fast8``; GPUs with FP8 tensor cores)
 
 Per method and memory cap (``torch.cuda.set_per_process_memory_fraction``: 40 and 24 GiB): the
 best batch size (probe steps at batch 1 and 2, extrapolate the peak linearly, confirm, step down
@@ -80,14 +81,17 @@ def method_recipes() -> dict[str, Recipe]:
         "fast-offload": fast.replace(name="fast-offload", gradient_checkpointing="offload", checkpoint_layers=8),
         "fast-doc-positions": fast.replace(name="fast-doc-positions", doc_position_ids=True),
         "fast-caching-allocator": fast.replace(name="fast-caching-allocator", allocator="caching"),
+        # a frozen FP8 base (loralab.fp8; FP8 tensor cores only): fast8 and its memory-lean variant
+        "fast8": get_recipe("fast8"),
+        "fast8-per-step-wt": get_recipe("fast8").replace(name="fast8-per-step-wt", fp8_weight_t="per-step"),
     }
 
 
 ABLATION = ["fast", "fast-eager-layers", "fast-liger-no-compile", "fast-compile+liger", "fast-hf-ce",
             "fast-lora-fp32-input", "fast-dropout", "fast-selective-ckpt", "fast-full-ckpt", "fast-offload",
             "fast-doc-positions", "fast-caching-allocator"]
-GUARD = {"hf", "liger", "fast"}
-CKPT_SEARCH = {"fast"}
+GUARD = {"hf", "liger", "fast", "fast8"}
+CKPT_SEARCH = {"fast", "fast8"}
 
 
 def log(msg: str) -> None:
@@ -300,6 +304,8 @@ class Worker:
                  peak_tflops_datasheet=self.spec.get("peak_sheet"), peak_tflops_measured=self.spec.get("peak_measured"))
         pm = self.spec.get("peak_measured")
         r["mfu_measured_peak"] = m["tflops_per_s"] / pm if pm else None
+        p8 = self.spec.get("peak_measured_fp8")  # FP8 recipes: their frozen GEMMs run at the FP8 rate
+        r["mfu_measured_fp8_peak"] = m["tflops_per_s"] / p8 if p8 and getattr(rec, "fp8", "off") != "off" else None
 
     def predicted(self, bs: int) -> float | None:
         """The analytic memory model's peak (allocator view) where it models the recipe, else None."""
@@ -520,9 +526,9 @@ def verdicts(res: dict) -> dict:
                                          "speedup": ft / t if t else None, "bar": need,
                                          "pass": (ft / t >= need) if t else None}
         out[f"cap{cap}_fast_mfu_measured_peak"] = f.get("mfu_measured_peak")
-    g = {k: rows.get(k, {}).get("guard") for k in ("hf", "liger", "fast")}
+    g = {k: rows.get(k, {}).get("guard") for k in ("hf", "liger", "fast", "fast8")}
     if g["hf"] and g["fast"]:
-        for k in ("fast", "liger"):
+        for k in ("fast", "liger", "fast8"):
             if not g[k]:
                 continue
             rel = [abs(a - b) / abs(b) for a, b in zip(g[k]["losses"], g["hf"]["losses"])]
@@ -574,6 +580,12 @@ def markdown(res: dict) -> str:
                      f"{'pass' if v['pass'] else 'FAIL'}")
         elif "mfu_measured" in k and v is not None:
             L.append(f"\n- {k}: {100 * v:.1f} % (aim 75 %)")
+    for name, m in res["methods"].items():
+        for cap, c in (m.get("caps") or {}).items():
+            if c.get("mfu_measured_fp8_peak") is not None:
+                L.append(f"\n- {name} cap {cap}: MFU {100 * c['mfu_measured_fp8_peak']:.1f} % of the measured FP8 matmul peak "
+                         f"({fmt(res.get('peak_tflops_measured_fp8'), '.0f')} TFLOP/s; its frozen GEMMs run in FP8, attention "
+                         f"and LoRA in bf16), {100 * (c.get('mfu_measured_peak') or 0):.1f} % of the bf16 one")
     levers = {n: m.get("levers") for n, m in res["methods"].items() if m.get("levers")}
     if levers:
         L += ["", "## Levers per method", ""]
@@ -645,6 +657,14 @@ def main(argv=None) -> int:
         peak_meas = measure_matmul_peak("cuda")
         torch.cuda.empty_cache()
         log(f"measured bf16 matmul peak: {peak_meas:.0f} TFLOP/s (data sheet {peak_sheet} TFLOP/s)")
+    peak_fp8 = None
+    if cuda and any(getattr(recipes[n], "fp8", "off") != "off" for n in names):
+        try:
+            peak_fp8 = measure_matmul_peak("cuda", torch.float8_e4m3fn)
+            log(f"measured FP8 (e4m3, rowwise scales) matmul peak: {peak_fp8:.0f} TFLOP/s")
+        except RuntimeError as e:  # no FP8 tensor cores: the fp8 methods report it themselves
+            log(f"FP8 matmul peak not measured: {' '.join(str(e).split())[:200]}")
+        torch.cuda.empty_cache()
     res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
            "date": dt.datetime.now().isoformat(timespec="seconds"),
            "env": {"gpu": gpu, "versions": versions(), "host": platform.node()},
@@ -652,7 +672,8 @@ def main(argv=None) -> int:
            "random_weights": True, "data": data_desc, "seq_len": args.seq_len, "caps_gib": caps,
            "warmup": args.warmup, "steps": args.steps, "seed_warmup": args.seed_warmup, "seed_steps": args.seed_steps,
            "guard_steps": args.guard_steps, "max_batch": args.max_batch,
-           "peak_tflops_datasheet": peak_sheet, "peak_tflops_measured": peak_meas, "methods": {}}
+           "peak_tflops_datasheet": peak_sheet, "peak_tflops_measured": peak_meas,
+           "peak_tflops_measured_fp8": peak_fp8, "methods": {}}
 
     def write():
         res["verdicts"] = verdicts(res)
@@ -674,7 +695,8 @@ def main(argv=None) -> int:
                 "model_folder": args.model_folder, "chunks": str(tmp / "chunks.pt"), "caps": caps,
                 "warmup": args.seed_warmup if slow else args.warmup, "steps": args.seed_steps if slow else args.steps,
                 "guard_steps": args.guard_steps, "max_batch": args.max_batch, "seed": args.seed,
-                "peak_sheet": peak_sheet, "peak_measured": peak_meas, "result": str(tmp / f"{name}.json")}
+                "peak_sheet": peak_sheet, "peak_measured": peak_meas, "peak_measured_fp8": peak_fp8,
+                "result": str(tmp / f"{name}.json")}
         (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
         log(f"=== {name} ({rec.name}) ===")
         t0 = time.perf_counter()
