@@ -14,7 +14,7 @@ beside a 13 GB base. Its life after training:
 4. ``export_merged``: the merged model as a Hugging Face folder that plain
    ``AutoModelForCausalLM.from_pretrained`` loads, no peft needed.
 
-Quantized bases (int8 / nf4, bitsandbytes) are refused by the merge: peft
+Quantized bases (int8 / nf4, bitsandbytes; loralab.fp8's FP8 base) are refused by the merge: peft
 would dequantize, add B @ A and re-quantize, so the merged weights carry a
 second rounding and no longer equal the adapter model. Reload the base in
 bf16 or fp32 (recipe quantization "none"), ``load_adapter``, then merge.
@@ -62,9 +62,11 @@ def load_adapter(base_model, adapter_dir: str | Path, is_trainable: bool = False
 
 
 def quantization_of(model) -> str:
-    """"int8", "nf4"/"fp4" (4-bit) or "none": what bitsandbytes layers the model holds."""
+    """"int8", "nf4"/"fp4" (4-bit), "fp8" (loralab.fp8's frozen base) or "none": what quantized layers the model holds."""
     for m in model.modules():
         name = type(m).__name__
+        if name == "FP8Linear":
+            return "fp8"
         if name in ("Linear8bitLt", "Int8Params"):
             return "int8"
         if name in ("Linear4bit", "LinearNF4", "LinearFP4"):

@@ -33,6 +33,8 @@ CHECKPOINTING = ("none", "full", "selective", "offload")
 CROSS_ENTROPY = ("hf", "chunked", "liger")
 SWITCH = ("off", "auto", "on")
 ALLOCATORS = ("caching", "expandable")
+FP8_MODES = ("off", "rowwise", "tensorwise")
+FP8_WEIGHT_T = ("copy", "per-step")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -93,6 +95,24 @@ class Recipe:
     llama-recipes ran under (whole segments cached and split; how much reserved memory sits unused
     varies from run to run); "expandable" sets ``expandable_segments:True`` (segments grow in place by
     pages, so reserved memory tracks allocated memory). Applied when the model is loaded."""
+    fp8: str = "off"
+    """Frozen base linears in FP8 e4m3 (loralab.fp8; needs FP8 tensor cores, compute capability 8.9+, else
+    ConfigError): both GEMMs of each frozen linear (forward, input gradient) in FP8, LoRA unchanged (bf16).
+    "rowwise": one fp32 scale per weight output channel and per token (the accurate one); "tensorwise": one
+    per tensor (a whole-tensor amax before each cast: no faster than bf16 once that is counted); "off"."""
+    fp8_weight_t: str = "copy"
+    """How the input-gradient GEMM (dy @ W) gets W in the K-major layout FP8 GEMMs need: "copy" keeps W^T in
+    e4m3 (+1 B per weight: the base then needs as much memory as bf16, 12.1 GiB at 7B); "per-step" transposes
+    it in every backward (2 B of memory traffic per weight and step, one weight's transient)."""
+    fp8_fused: bool = True
+    """One FP8 GEMM for q/k/v (N = 3H at 7B) and one for gate/up (N = 2I): fewer, larger GEMMs, fewer launches
+    and one quantisation of their shared input (the weights are concatenated once, at load)."""
+    fp8_shared_quant: bool = True
+    """Unfused only: quantise the input q/k/v (gate/up) share once; False: each GEMM quantises its own
+    (peft's per-module forward; torch.compile's CSE may merge them). Costs nothing when fused."""
+    fp8_lm_head: bool = False
+    """The LM head in FP8 too (logits and their input gradient; chunked or HF loss). Its softmax gradient
+    spans ~5 decades per row, coarse in e4m3: measure before turning it on (benchmarks/fp8_layer.py)."""
     packing: bool = True
     """True: llama-recipes packing (concatenate every prompt, cut into seq_len chunks, drop the tail);
     False: one dialogue per row, right-padded. A run may override it (RunConfig.packing)."""
@@ -110,6 +130,14 @@ class Recipe:
         _choice("compile", self.compile, SWITCH)
         _choice("lora_matmul_dtype", self.lora_matmul_dtype, ("adapter", "input"))
         _choice("allocator", self.allocator, ALLOCATORS)
+        _choice("fp8", self.fp8, FP8_MODES)
+        _choice("fp8_weight_t", self.fp8_weight_t, FP8_WEIGHT_T)
+        if self.fp8 != "off" and (self.quantization != "none" or self.param_dtype != "bfloat16"):
+            raise ConfigError(f"fp8={self.fp8!r} with quantization={self.quantization!r}, param_dtype={self.param_dtype!r}: "
+                              "expected quantization='none' and param_dtype='bfloat16' (the FP8 base is cast from bf16)")
+        if self.fp8_lm_head and (self.fp8 == "off" or self.cross_entropy == "liger"):
+            raise ConfigError(f"fp8_lm_head=True with fp8={self.fp8!r}, cross_entropy={self.cross_entropy!r}: "
+                              "expected fp8 'rowwise'/'tensorwise' and cross_entropy 'chunked' or 'hf'")
         if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
             raise ConfigError(f"checkpoint_layers={self.checkpoint_layers}: expected None or an integer >= 0")
         if self.ce_chunk_tokens < 1:
@@ -193,13 +221,18 @@ RECIPES: dict[str, Recipe] = _registry(
                   about="fast with 8 layers' activations offloaded to CPU"),
     _FAST.replace(name="fast-doc-positions", doc_position_ids=True, about="fast with per-document positions"),
     _FAST.replace(name="fast-caching-allocator", allocator="caching", about="fast with PyTorch's caching allocator"),
+    # fast with a frozen FP8 base (loralab.fp8; FP8 tensor cores only: H100/H200/L40S/RTX 4090): every decoder
+    # linear in e4m3 with rowwise scales, q/k/v and gate/up fused, W^T kept; LoRA and the LM head stay bf16
+    _FAST.replace(name="fast8", fp8="rowwise", fp8_weight_t="copy", fp8_fused=True, fp8_shared_quant=True,
+                  fp8_lm_head=False, about="fast with a frozen FP8 (e4m3, rowwise) base: both GEMMs of every frozen "
+                                           "linear on FP8 tensor cores (H100/H200/L40S)"),
     # what notebook 05 loads the base with to generate summaries (unquantized: merging an adapter into int8/nf4
     # weights would re-quantize them): bf16 on a GPU, fp32 on a CPU, SDPA
     _FAST.replace(name="generate-bf16", about="the base for generating summaries on a GPU (notebook 05)"),
     _FAST.replace(name="generate-fp32", param_dtype="float32", compute_dtype="float32",
                   about="the base for generating summaries on a CPU (notebook 05)"),
 )
-USER_RECIPES = ("seed", "fast", "qlora", "demo")
+USER_RECIPES = ("seed", "fast", "fast8", "qlora", "demo")
 """The recipes run_all.py offers first; every other name in RECIPES is a variant for measurements."""
 
 

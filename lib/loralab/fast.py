@@ -40,6 +40,8 @@ What each lever does, and why it is faster (T = tokens in the step, H hidden, V 
   attention and recomputes the cheap elementwise ops (torch's selective activation
   checkpointing; the policy of torchtitan's op-level SAC); "offload" moves each layer's saved
   activations (not the frozen weights) to pinned CPU memory and back in backward.
+* ``fp8``: the frozen base linears in FP8 e4m3 (loralab.fp8: both GEMMs of each frozen linear on
+  Hopper's FP8 tensor cores, ~1.7x bf16's matmul rate; LoRA stays bf16). GPUs with FP8 tensor cores only.
 * ``doc_position_ids``: position ids that restart at every BOS of a packed row, so RoPE sees
   each dialogue from position 0. Attention still crosses documents with SDPA; isolating them
   needs a varlen kernel (flash_attention_2), which this recipe does not require.
@@ -117,7 +119,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk: int):
         n = hidden.shape[0]
         valid_all = labels != IGNORE_INDEX
-        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        if isinstance(weight, torch.Tensor):
+            w_dtype = weight.dtype
+            logits_of, grad_h_of = (lambda h: h @ weight.t()), (lambda g: g.to(w_dtype) @ weight)
+        else:  # a frozen FP8 head (loralab.fp8.FP8Linear): both matmuls in FP8, bf16 out, no weight gradient
+            w_dtype = torch.bfloat16
+            logits_of, grad_h_of = weight.head_matmuls()
+        acc = torch.promote_types(w_dtype, torch.float32)  # fp32 (fp64 stays fp64)
         n_valid = valid_all.sum().clamp_min(1).to(acc)
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
@@ -128,7 +136,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[s:s + chunk]
             y = labels[s:s + chunk]
             valid = valid_all[s:s + chunk]
-            z = (h @ weight.t()).to(acc)  # (c, V) fp32: the only logits alive
+            z = logits_of(h).to(acc)  # (c, V) fp32: the only logits alive
             lse = torch.logsumexp(z, dim=-1)
             y0 = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(1)
             target = z.gather(1, y0).squeeze(1)
@@ -138,11 +146,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, y0, -torch.ones_like(y0, dtype=g.dtype))
                 g.mul_((valid.to(g.dtype) / n_valid).unsqueeze(1))  # ignored rows -> 0
                 if need_h:
-                    grad_h[s:s + chunk] = g.to(weight.dtype) @ weight
+                    grad_h[s:s + chunk] = grad_h_of(g)
                 if need_w:
                     grad_w += g.t() @ h.to(acc)
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype = w_dtype
         return total / n_valid
 
     @staticmethod
@@ -157,8 +165,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
                                  chunk_tokens: int = 2048) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight^T`` against ``labels`` (-100 ignored), mean over valid tokens.
 
-    hidden (N, H), weight (V, H), labels (N,) already shifted. Peak extra memory: one chunk of
-    chunk_tokens x V fp32 logits, plus the (N, H) input gradient.
+    hidden (N, H), weight (V, H) or a frozen FP8 head (``loralab.fp8.FP8Linear``), labels (N,) already
+    shifted. Peak extra memory: one chunk of chunk_tokens x V fp32 logits, plus the (N, H) input gradient.
     """
     out = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk_tokens))
     return out
@@ -210,7 +218,9 @@ def forward_loss(model, batch: dict[str, torch.Tensor], recipe) -> torch.Tensor:
     hidden = lm.model(**batch).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1])
     y = shift_labels(labels).reshape(-1)
-    return chunked_linear_cross_entropy(h, lm.lm_head.weight, y, recipe.ce_chunk_tokens)
+    head = lm.lm_head
+    weight = head if hasattr(head, "head_matmuls") else head.weight  # FP8 head (recipe.fp8_lm_head) or bf16
+    return chunked_linear_cross_entropy(h, weight, y, recipe.ce_chunk_tokens)
 
 
 # ------------------------------------------------------------------ LoRA in the input's dtype
@@ -264,11 +274,11 @@ _SAVE_OPS: set | None = None
 
 
 def _save_ops() -> set:
-    """Ops whose outputs selective checkpointing keeps: matmuls and attention kernels."""
+    """Ops whose outputs selective checkpointing keeps: matmuls (FP8 ones too: loralab.fp8) and attention kernels."""
     global _SAVE_OPS
     if _SAVE_OPS is None:
         aten = torch.ops.aten
-        names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+        names = ["mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
                  "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
                  "_efficient_attention_forward"]
@@ -432,6 +442,12 @@ def apply_levers(model, recipe, device: torch.device | None = None) -> dict[str,
     else:
         lv["liger"] = "off" if recipe.liger == "off" else (
             "off (torch.compile fuses these ops)" if (recipe.liger == "auto" and use_compile) else f"off: {l_why}")
+
+    if getattr(recipe, "fp8", "off") != "off":  # after Liger: the FP8 MLP forward replaces its SwiGLU one
+        from loralab.fp8 import apply_fp8
+        lv["fp8"] = apply_fp8(model, recipe, device)
+    else:
+        lv["fp8"] = "off"
 
     ours = recipe.gradient_checkpointing in ("selective", "offload") or (
         recipe.gradient_checkpointing == "full" and recipe.checkpoint_layers is not None)

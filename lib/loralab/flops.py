@@ -227,9 +227,9 @@ def recipe_step_flops(
 # (the sheets print sparse numbers for tensor cores; dense = half).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5, "int8": 624.0},
-    "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "int8": 1979.0},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0, "int8": 1513.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "int8": 1979.0},
+    "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "int8": 1979.0, "fp8": 1979.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0, "int8": 1513.0, "fp8": 1513.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "int8": 1979.0, "fp8": 1979.0},
 }
 
 
@@ -241,6 +241,8 @@ def device_peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
     own matmuls run in fp32 (LoRA, attention, LM head: 67 TFLOP/s on H100/H200,
     19.5 on A100) and fp16 inside bitsandbytes int8: against their own peaks it
     would look efficient while being slow, which is the point the report makes.
+    An FP8 base (``Recipe.fp8``, loralab.fp8) runs the same matmuls, so the same FLOPs; its MFU is given
+    against both the bf16 and the FP8 matmul peaks (measured: ``profilers.measure_matmul_peak``).
     """
     name = device_name.upper()
     key = None

@@ -227,7 +227,11 @@ def activation_bytes(recipe: Recipe) -> int:
 
 
 def weight_terms(model_config, recipe: Recipe) -> dict[str, tuple[int, str]]:
-    """Frozen base weights: {name: (bytes, source)}."""
+    """Frozen base weights: {name: (bytes, source)}. An FP8 base (``recipe.fp8``): ``loralab.fp8.weight_terms``."""
+    if recipe.fp8 != "off":
+        from loralab import fp8
+
+        return fp8.weight_terms(model_config, recipe)
     s = ModelShape.of(model_config)
     n_lin = s.L * s.layer_linear_params()
     n_rows = s.L * sum(o for _, o in s.linears().values())  # output features: one scale each
@@ -393,6 +397,15 @@ def _dequant_transient(s: ModelShape, recipe: Recipe) -> int:
     return 0
 
 
+def _fp8_transient(model_config, recipe: Recipe, tokens: int) -> int:
+    """An FP8 base's extra backward memory (the e4m3 output gradient, a per-step W^T): ``loralab.fp8``."""
+    if recipe.fp8 == "off":
+        return 0
+    from loralab import fp8
+
+    return fp8.backward_transient_bytes(model_config, recipe, tokens)
+
+
 def _layer_backward_peak(s: ModelShape, recipe: Recipe, S: int, device: str, ckpt_shared: float) -> tuple[float, str]:
     """Per-token bytes of the top layer at the worst moment of its backward (saved + grads in flight),
     minus ``ckpt_shared`` (the part of its saved input that is the checkpoint itself)."""
@@ -533,7 +546,7 @@ def predict_peak(
     bd.phase = phase
     bd.add("activations_held", held * T, held_src)
     if phase.startswith("top layer"):
-        extra = phases[phase] + _dequant_transient(s, recipe)
+        extra = phases[phase] + _dequant_transient(s, recipe) + _fp8_transient(model_config, recipe, T)
         bd.add("layer_backward", extra, f"{'recomputed ' if ckpt else ''}top layer saved tensors + grads in flight ({phase}) + dequantized weight copy")
         bd.add("logits_and_loss", 0, "freed before the layers' backward")
     else:

@@ -277,18 +277,17 @@ def build_random_model(config, recipe: Recipe, device: torch.device, seed: int =
     torch.manual_seed(seed)
     with torch.device("meta"):
         base = LlamaForCausalLM(cfg).to(dtype)
-    if recipe.quantization != "none":
-        if shard is not None:
-            raise ConfigError(f"recipe {recipe.name!r} ({recipe.quantization}): FSDP shards bf16/fp32 weights only; "
-                              f"use --strategy ddp or a recipe without quantization (fast)")
+    if shard is None:  # materialise the base, then attach LoRA and the levers to real weights (FP8 casts them)
         base.to_empty(device=device)
         _init_random_(base, device)
-        _quantize_linears(base, recipe, device)
+        if recipe.quantization != "none":
+            _quantize_linears(base, recipe, device)
         torch.manual_seed(seed)
         return add_lora(base, recipe)
-    model = add_lora(base, recipe)
-    if shard is not None:
-        model = shard(model)
+    if recipe.quantization != "none" or recipe.fp8 != "off":
+        raise ConfigError(f"recipe {recipe.name!r}: FSDP shards bf16/fp32 weights only (not int8, nf4 or fp8); "
+                          f"use --strategy ddp or the recipe fast")
+    model = shard(add_lora(base, recipe))
     model.to_empty(device=device)
     torch.manual_seed(seed)
     _init_random_(model, device)

@@ -16,7 +16,7 @@ Cross-checks for the analytic count in ``loralab.flops``:
   gradients) which overcounts LoRA, and it patches ``F.linear`` /
   ``torch.matmul``, so bitsandbytes kernels are invisible to it too.
   It calls ``model.eval()``; we restore the previous mode.
-* ``measure_matmul_peak``: the matmul TFLOP/s this device reaches now.
+* ``measure_matmul_peak``: the matmul TFLOP/s this device reaches now (bf16, or FP8 via ``_scaled_mm``).
 * ``time_steps``: seconds per optimizer step, synchronised.
 
 Every measurement runs the step that trains (``loralab.train``), on a model from ``loralab.model``
@@ -161,20 +161,34 @@ def measure_matmul_peak(device: str | torch.device = "auto", dtype: torch.dtype 
                         n: int = 8192, iters: int = 20) -> float:
     """Achieved TFLOP/s of an n x n x n matmul on ``device`` (best of ``iters`` timed runs).
 
-    FLOPs = 2 n^3 per matmul. On CPU n is capped at 1024 (a few seconds).
+    FLOPs = 2 n^3 per matmul. On CPU n is capped at 1024 (a few seconds). ``dtype=torch.float8_e4m3fn``:
+    the GEMM of the fp8 recipes (loralab.fp8.scaled_mm: e4m3 operands, rowwise fp32 scales, bf16 out,
+    Hopper's fast accumulation), the peak their MFU is also reported against.
     """
     dev = resolve_device(device) if isinstance(device, str) else device
     if dev.type == "cpu":
         n, iters = min(n, 1024), min(iters, 3)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    fp8 = dtype == getattr(torch, "float8_e4m3fn", None)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16 if fp8 else dtype)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16 if fp8 else dtype)
+    if fp8:
+        from loralab.fp8 import scaled_mm
+
+        a, b_t = a.to(dtype), b.to(dtype).t()  # b.t(): column-major, as _scaled_mm's second operand must be
+        sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
+
+        def mm():
+            return scaled_mm(a, b_t, sa, sb, fast_accum=True)
+    else:
+        def mm():
+            return a @ b
     for _ in range(2):  # warm-up
-        a @ b
+        mm()
     best = float("inf")
     for _ in range(iters):
         sync(dev)
         t0 = time.perf_counter()
-        a @ b
+        mm()
         sync(dev)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12
