@@ -1,6 +1,7 @@
 # Source this on the offline GPU machine, from the repo root:  . benchmarks/gpu_env.sh
-# Installs the carried wheels (.whl/, built by ../shared/tools/gpu-wheelhouse.sh) into /tmp/site
-# beside the image's torch/transformers/peft, and points loralab at the carried data (.gpu/data/).
+# Installs the carried wheels (.whl/, built here with `bash tools/gpu_wheelhouse.sh .whl`: ~30 MiB of
+# Python 3.12 x86-64 wheels of what the image lacks) into /tmp/site beside the image's
+# torch/transformers/peft, and points loralab at the carried data (.gpu/data/).
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists\|WARNING: Target directory" || true
@@ -15,6 +16,7 @@ python3 - <<'PY'
 import importlib.metadata as md, torch
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
       "| torch", torch.__version__, "| " + " ".join(f"{p} {md.version(p)}" for p in
-      ("transformers", "peft", "accelerate", "bitsandbytes", "papermill", "nvitop")))
+      ("transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "pyarrow", "papermill",
+       "nvitop")))
 PY
 set +e
