@@ -13,10 +13,10 @@ export LORALAB_LLAMA2_TOKENIZER=$PWD/.gpu/data/llama2-tokenizer/tokenizer.model
 export LORALAB_HOME=${LORALAB_HOME:-/tmp/loralab_home}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 - <<'PY'
-import importlib.metadata as md, torch
-print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-      "| torch", torch.__version__, "| " + " ".join(f"{p} {md.version(p)}" for p in
-      ("transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "pyarrow", "papermill",
-       "nvitop")))
+import torch
+from loralab.device import versions
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "| " + " ".join(
+    f"{p} {v}" for p, v in versions(("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel",
+                                     "datasets", "pyarrow", "papermill", "nvitop")).items()))
 PY
 set +e
