@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from loralab.device import gpu_info, resolve_device, sync, versions
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -46,13 +47,11 @@ def run(backend: str, q, k, v, g, iters: int, warmup: int, dev) -> dict:
     try:
         with sdpa_kernel(BACKENDS[backend]):
             for i in range(warmup + iters):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(dev)
                 t0 = time.perf_counter()
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                out.backward(g)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                out.backward(g)  # one attention call's backward, not a training step: nothing of loralab.train to reuse
+                sync(dev)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
                 if i < warmup + iters - 1:
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, math backend only")
     args = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dev = resolve_device("cpu" if args.smoke else "auto")
     backends = ["flash", "cudnn", "efficient"] if dev.type == "cuda" else ["math"]
     if args.smoke:
         args.batch_sizes, args.heads, args.seq_len, args.head_dim, args.iters, args.warmup = [1], 2, 64, 16, 2, 1
@@ -108,11 +107,10 @@ def main(argv=None) -> int:
         for r in rows:
             if r["batch_size"] == b and r["layout"] == layout and base and r["status"] == "ok":
                 r["speedup_vs_" + backends[0]] = base["ms"] / r["ms"]
-    ver = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None}
+    ver = {**versions(("torch",)), "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None}
     res = {"command": " ".join(["attention_kernels.py"] + (argv if argv is not None else sys.argv[1:])),
            "date": dt.datetime.now().isoformat(timespec="seconds"),
-           "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "versions": ver,
+           "gpu": gpu_info()["name"] if dev.type == "cuda" else "cpu", "versions": ver,
            "shape": {"heads": args.heads, "seq_len": args.seq_len, "head_dim": args.head_dim, "dtype": str(dtype), "causal": True},
            "iters": args.iters, "warmup": args.warmup, "rows": rows}
     out = Path(args.out)

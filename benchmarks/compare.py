@@ -1,36 +1,49 @@
 """The fast recipe side by side with today's libraries: one command, one GPU, same data, same steps.
 
     . benchmarks/gpu_env.sh && python benchmarks/compare.py                 # H200: ~7 min
+    python benchmarks/compare.py --only hf,liger,fast --caps 40              # H200: ~4 min
     python benchmarks/compare.py --ablation                                  # H200: the levers, ~7 min
-    python benchmarks/compare.py --smoke --out /tmp/compare-smoke            # CPU, tiny model, ~2 min
+    python benchmarks/compare.py --smoke --only hf,fast --out /tmp/cmp       # CPU, tiny model, ~1 min
 
 Llama-2-7B shape, random weights built on the GPU (speed and memory do not depend on the
 values), 2048-token packed SAMSum chunks (``LORALAB_SAMSUM_DIR`` + ``LORALAB_LLAMA2_TOKENIZER``;
-without them: random token ids, said so in the output). Methods, each in its own process
-(memory, compile caches and Liger's monkey patches stay isolated):
+without them: random token ids, said so in the output). Methods (``--only`` takes the short name
+or the recipe's name in ``loralab.config.RECIPES``), each in its own process (memory, compile
+caches and Liger's patches stay isolated):
 
-  seed        the study's recipe: int8 base (bitsandbytes), fp32 rest, eager attention, checkpointing
-  hf          plain HF + PEFT LoRA in bf16, SDPA, as a user writes it (dropout 0.05, peft's fp32 adapters)
-  hf_ckpt     the same with HF gradient checkpointing
-  liger       hf + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy): Axolotl/TRL's switch
-  liger_ckpt  the same with checkpointing
-  fast        loralab's ``fast`` recipe (loralab.fast; with checkpointing of as few layers as the cap needs)
+  seed        seed                the study's recipe: int8 base (bitsandbytes), fp32 rest, eager attention, checkpointing
+  hf          hf-peft             plain HF + PEFT LoRA in bf16, SDPA, as a user writes it (dropout 0.05, peft's fp32 adapters)
+  hf_ckpt     hf-peft-ckpt        the same with HF gradient checkpointing
+  liger       hf-peft-liger       hf + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy): Axolotl/TRL's switch
+  liger_ckpt  hf-peft-liger-ckpt  the same with checkpointing
+  fast        fast                loralab's ``fast`` recipe (loralab.fast)
+  --ablation: fast and the fast-* variants of the registry (one lever changed each)
 
-Per method and memory cap (``torch.cuda.set_per_process_memory_fraction``: 40 and 24 GiB): the
-best batch size (probe steps at batch 1 and 2, extrapolate the peak linearly, confirm, step down
-on out-of-memory; at most ``--max-batch``), then warm-up + timed steps from the same LoRA init:
-tokens/s, peak memory, MFU (analytic model FLOPs, ``loralab.flops``) against the data-sheet bf16
-peak and against the matmul peak measured here, the losses of those steps. A correctness guard
-runs the first ``--guard-steps`` steps at batch 1 on the same chunks for hf (dropout off), liger
-and fast: per-step losses must agree within 1 %, gradient norms be non-zero. JSON and a
-markdown table go to ``--out`` after every method, so a timeout still leaves data.
+What a method runs is the library's, as training runs it: the model (``model.build_random_model``,
+or ``load_base_model`` + ``add_lora`` for ``--model-folder``), the step (``train.training_step`` on
+``distributed.wrap_model``: the recipe's own loss, e.g. fast's chunked cross-entropy), the optimizer
+(``train.optimizer_setup``), the memory cap, peaks and out-of-memory handling (``loralab.device``),
+the batch search (``autobatch.find_batch_size``) and MFU (``flops.sweep_metrics``).
+
+Per method and memory cap (``device.cap_gpu_memory``: 40 and 24 GiB): the largest batch that fits,
+at most ``--max-batch``: ``find_batch_size`` starts at the largest batch its predictor says fits and
+confirms it with the timed run itself, stepping down on out-of-memory. ``--predictor probes``
+(default, what the committed results used): one step at batch 1 and one at 2 (at the first cap),
+``autobatch.linear_predictor`` on their allocated peaks plus a headroom of max(0.75 GiB, 4 % of the
+cap); ``--predictor model``: ``memory.predict_peak`` where it models the recipe (not Liger), else the
+probes. Then warm-up + timed steps from the same LoRA init: tokens/s, peak memory, MFU (analytic
+model FLOPs, ``loralab.flops``) against the data-sheet bf16 peak and against the matmul peak measured
+here, the losses of those steps. A correctness guard runs the first ``--guard-steps`` steps at batch
+1 on the same chunks for hf, liger and fast, LoRA dropout 0 for all (hf and liger: their recipe with
+``lora_dropout=0`` in a model of its own, the timed model keeps the recipe's dropout): per-step losses
+must agree within 1 %, gradient norms be non-zero. JSON and a markdown table go to ``--out`` after
+every method, so a timeout still leaves data.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import math
 import os
@@ -40,60 +53,52 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from loralab import distributed as D
 from loralab import fast as FAST
-from loralab.environment import gpu_info  # noqa: E402
-from loralab.train import is_oom  # noqa: E402
 from loralab import flops as F
-from loralab.config import ConfigError, Recipe, get_recipe
+from loralab.autobatch import find_batch_size, linear_predictor
+from loralab.config import RECIPES, ConfigError, RunConfig, get_recipe
+from loralab.device import (GIB, MemoryMeter, cap_gpu_memory, capacity_gib, free_memory, gpu_info, is_oom, sync,
+                            versions)
+from loralab.memory import predict_peak
+from loralab.model import add_lora, build_random_model, load_base_model
+from loralab.shape import model_config
+from loralab.train import optimizer_setup, training_step
 
-GIB = 2**30
-MAIN = ["hf", "fast", "liger", "hf_ckpt", "liger_ckpt", "seed"]
-BAR = {"40": {"hf": 1.5, "liger": 1.1, "seed": 12.0}, "24": {"hf_or_liger": 1.2}}
-
-
-def method_recipes() -> dict[str, Recipe]:
-    fast = get_recipe("fast")
-    hf = fast.replace(name="hf-peft-bf16", lora_dropout=0.05, cross_entropy="hf", liger="off", compile="off",
-                      lora_matmul_dtype="adapter", allocator="caching")  # as a user runs it
-    liger = hf.replace(name="hf-peft-liger", liger="on", cross_entropy="liger")
-    return {
-        "seed": get_recipe("seed"),
-        "hf": hf,
-        "hf_ckpt": hf.replace(name="hf-peft-bf16-ckpt", gradient_checkpointing="full"),
-        "liger": liger,
-        "liger_ckpt": liger.replace(name="hf-peft-liger-ckpt", gradient_checkpointing="full"),
-        "fast": fast,
-        # ablation: the fast recipe with one lever changed
-        "fast-eager-layers": fast.replace(name="fast-eager-layers", compile="off", liger="off"),
-        "fast-liger-no-compile": fast.replace(name="fast-liger-no-compile", compile="off", liger="on"),
-        "fast-compile+liger": fast.replace(name="fast-compile+liger", compile="on", liger="on"),
-        "fast-hf-ce": fast.replace(name="fast-hf-ce", cross_entropy="hf"),
-        "fast-lora-fp32-input": fast.replace(name="fast-lora-fp32-input", lora_matmul_dtype="adapter"),
-        "fast-dropout": fast.replace(name="fast-dropout", lora_dropout=0.05),
-        "fast-selective-ckpt": fast.replace(name="fast-selective-ckpt", gradient_checkpointing="selective"),
-        "fast-full-ckpt": fast.replace(name="fast-full-ckpt", gradient_checkpointing="full", checkpoint_layers=10**6),
-        "fast-offload": fast.replace(name="fast-offload", gradient_checkpointing="offload", checkpoint_layers=8),
-        "fast-doc-positions": fast.replace(name="fast-doc-positions", doc_position_ids=True),
-        "fast-caching-allocator": fast.replace(name="fast-caching-allocator", allocator="caching"),
-    }
-
-
+METHODS = {"hf": "hf-peft", "fast": "fast", "liger": "hf-peft-liger", "hf_ckpt": "hf-peft-ckpt",
+           "liger_ckpt": "hf-peft-liger-ckpt", "seed": "seed"}
+"""Short name (the JSON's and the tables' key) -> recipe name in loralab.config.RECIPES; in run order."""
+MAIN = list(METHODS)
 ABLATION = ["fast", "fast-eager-layers", "fast-liger-no-compile", "fast-compile+liger", "fast-hf-ce",
             "fast-lora-fp32-input", "fast-dropout", "fast-selective-ckpt", "fast-full-ckpt", "fast-offload",
             "fast-doc-positions", "fast-caching-allocator"]
+BAR = {"40": {"hf": 1.5, "liger": 1.1, "seed": 12.0}, "24": {"hf_or_liger": 1.2}}
 GUARD = {"hf", "liger", "fast"}
-CKPT_SEARCH = {"fast"}
+VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "triton")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def method_names(only: str, ablation: bool) -> list[str]:
+    """``--only``: short names (hf, liger, ...) or recipe names; a main method's recipe name maps to its short name."""
+    short = {r: m for m, r in METHODS.items()}
+    names = [short.get(n.strip(), n.strip()) for n in only.split(",") if n.strip()]
+    bad = [n for n in names if n not in METHODS and n not in RECIPES]
+    if bad:
+        raise ConfigError(f"--only {','.join(bad)}: expected short names ({', '.join(METHODS)}) or recipe names "
+                          f"({', '.join(RECIPES)})")
+    return names or (ABLATION if ablation else MAIN)
+
+
+def guard_recipe(recipe):
+    """The guard compares the math: the method's recipe with LoRA dropout off (a guard-only knob)."""
+    return recipe if recipe.lora_dropout == 0 else recipe.replace(lora_dropout=0.0)
 
 
 # =================================================================== worker (one method, one process)
@@ -101,320 +106,203 @@ def log(msg: str) -> None:
 class Worker:
     def __init__(self, spec: dict):
         self.spec = spec
-        self.dev = torch.device(spec["device"])
-        if self.dev.type == "cuda" and self.dev.index is None:  # caps and stats need cuda:N
-            self.dev = torch.device("cuda", torch.cuda.current_device())
-        r = dict(spec["recipe"])
-        r["lora_targets"] = tuple(r["lora_targets"])
-        self.recipe = Recipe(**r)
+        self.cfg = RunConfig.from_dict(spec["config"])
+        self.recipe = self.cfg.recipe
+        self.ctx = D.single_process_context(self.cfg)
+        self.dev = self.ctx.device
+        self.meter = MemoryMeter(self.dev)
+        self.mcfg = model_config(self.cfg.model)
         self.chunks = torch.load(spec["chunks"])
         self.seq = self.chunks.shape[1]
         self.out = Path(spec["result"])
-        self.res: dict = {"method": spec["method"], "recipe": spec["recipe"], "caps": {}, "errors": [], "notes": []}
+        self.model = None
+        self.res: dict = {"method": spec["method"], "recipe": spec["config"]["recipe"], "caps": {}, "errors": [],
+                          "notes": []}
 
     def save(self) -> None:
         tmp = self.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.res, indent=1, default=str))
         os.replace(tmp, self.out)
 
-    # ---------------------------------------------------------- memory
-    def set_cap(self, gib: float | None) -> None:
-        gc.collect()
-        if self.dev.type != "cuda":
-            return
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (gib * GIB / total) if gib else 1.0), self.dev)
-
-    def peaks(self) -> dict:
-        if self.dev.type != "cuda":
-            return {"peak_allocated_gib": None, "peak_reserved_gib": None, "device_used_gib": None}
-        free, total = torch.cuda.mem_get_info(self.dev)
-        return {"peak_allocated_gib": torch.cuda.max_memory_allocated(self.dev) / GIB,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(self.dev) / GIB,
-                "device_used_gib": (total - free) / GIB}
-
-    def sync(self) -> None:
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)  # CPU-GPU sync: step times include the GPU's work
-
-    # ---------------------------------------------------------- model
-    def build(self) -> None:
-        from loralab.model import add_lora, load_base_model, preset_config
-        from loralab.profilers import build_lora_model
-
+    # ---------------------------------------------------------- model and state
+    def build(self, recipe) -> None:
+        """The LoRA model as training builds it, inside the module the step calls (``distributed.wrap_model``)."""
+        self.model = self.params = self.init_state = None
+        free_memory(self.dev)
         t0 = time.perf_counter()
-        self.cfg = preset_config(self.spec["preset"])
-        if self.spec.get("model_folder"):
-            base = load_base_model(Path(self.spec["model_folder"]), self.recipe, self.dev)
-            torch.manual_seed(self.spec["seed"])
-            self.model = add_lora(base, self.recipe)
-            self.cfg = base.config
+        if self.cfg.random_weights:
+            peft_model = build_random_model(self.mcfg, recipe, self.dev, seed=self.cfg.seed)
         else:
-            self.model = build_lora_model(self.cfg, self.recipe, self.dev, seed=self.spec["seed"])
-        self.sync()
+            base = load_base_model(Path(self.cfg.model), recipe, self.dev)
+            torch.manual_seed(self.cfg.seed)
+            peft_model = add_lora(base, recipe)
+        sync(self.dev)
         self.res["build_s"] = time.perf_counter() - t0
-        self.res["levers"] = dict(getattr(self.model, "loralab_levers", {}))
+        self.res["levers"] = dict(getattr(peft_model, "loralab_levers", {}))
+        self.model = D.wrap_model(peft_model, self.ctx, recipe)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.init_state = [p.detach().clone() for p in self.params]
-        self.compiled = self.res["levers"].get("compile", "").startswith("on")
-        log(f"{self.spec['method']}: built in {self.res['build_s']:.1f} s; levers {self.res['levers']}")
+        log(f"{self.spec['method']}: built {recipe.name} in {self.res['build_s']:.1f} s; levers {self.res['levers']}")
 
-    def restore(self):
+    def restart(self):
+        """Back to the LoRA init, with a fresh optimizer (``train.optimizer_setup``): every measurement starts alike."""
         with torch.no_grad():
             for p, s in zip(self.params, self.init_state):
                 p.copy_(s)
                 p.grad = None
-        return torch.optim.AdamW(self.params, lr=self.recipe.learning_rate, weight_decay=self.recipe.weight_decay)
+        return optimizer_setup(self.model, self.cfg)[0]
 
     def batch(self, start: int, bs: int) -> dict:
         idx = [(start + i) % self.chunks.shape[0] for i in range(bs)]
         ids = self.chunks[idx].to(self.dev)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    def step(self, opt, batch, grad_norm: bool = False):
-        loss = FAST.forward_loss(self.model, batch, self.recipe)
-        loss.backward()
-        gn = None
-        if grad_norm:
-            gn = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in self.params if p.grad is not None]))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach(), gn
-
-    def safe_step(self, opt, batch, grad_norm=False):
-        """One step; a non-OOM failure of torch.compile or of Liger's fused loss falls back once and retries."""
-        try:
-            return self.step(opt, batch, grad_norm)
-        except Exception as e:  # noqa: BLE001
-            if is_oom(e):
-                raise
-            err = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            opt.zero_grad(set_to_none=True)
-            if self.compiled:
-                self.res["errors"].append(f"torch.compile failed, ran eager instead: {err}")
-                log(f"compile failed ({err}); falling back to eager layers")
-                torch._dynamo.reset()
-                cur = getattr(FAST.base_causal_lm(self.model), "_loralab_layers", {})  # keep its checkpointing
-                FAST.configure_layers(self.model, compile=False, checkpointing=cur.get("checkpointing", "none"),
-                                      checkpoint_layers=cur.get("checkpoint_layers"))
-                self.compiled = False
-                self.res["levers"]["compile"] = "failed -> off"
-                return self.step(opt, batch, grad_norm)
-            if self.recipe.cross_entropy == "liger":
-                self.res["errors"].append(f"Liger fused linear CE failed, used HF's loss: {err}")
-                log(f"liger fused CE failed ({err}); falling back to HF's loss")
-                from transformers.models.llama import modeling_llama
-                lm = FAST.base_causal_lm(self.model)
-                lm.__dict__.pop("forward", None)
-                modeling_llama.LlamaForCausalLM.forward = self.orig_forward
-                self.recipe = self.recipe.replace(cross_entropy="hf")
-                self.res["levers"]["liger"] += " (fused CE failed -> HF loss)"
-                return self.step(opt, batch, grad_norm)
-            raise
-
-    def cleanup_after_oom(self, opt) -> None:
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        for p in self.params:
-            p.grad = None
-        gc.collect()
-        if self.dev.type == "cuda":
-            torch.cuda.empty_cache()
-
     # ---------------------------------------------------------- guard
-    def guard(self, n: int) -> None:
-        drop = [m for name, m in self.model.named_modules() if name.split(".")[-2:-1] == ["lora_dropout"]
-                and isinstance(m, torch.nn.Dropout)]
-        saved = [m.p for m in drop]
-        for m in drop:
-            m.p = 0.0  # the guard compares the math: dropout off for every method
-        opt = self.restore()
-        losses, norms = [], []
+    def guard(self) -> None:
+        n = self.spec["guard_steps"]
+        opt = self.restart()
+        norms = []
+        opt.register_step_pre_hook(lambda *_: norms.append(torch.linalg.vector_norm(
+            torch.stack([p.grad.float().norm() for p in self.params if p.grad is not None]))))
         t0 = time.perf_counter()
-        for i in range(n):
-            loss, gn = self.safe_step(opt, self.batch(i, 1), grad_norm=True)
-            losses.append(loss)
-            norms.append(gn)
-        self.sync()
-        self.res["guard"] = {"steps": n, "batch_size": 1, "losses": [float(x) for x in losses],
-                             "grad_norms": [float(x) for x in norms], "seconds": time.perf_counter() - t0,
-                             "dropout_disabled_modules": len(drop)}
-        for m, p in zip(drop, saved):
-            m.p = p
-        log(f"guard: {n} steps, loss {self.res['guard']['losses'][0]:.4f} -> {self.res['guard']['losses'][-1]:.4f}")
+        losses = [training_step(self.model, [self.batch(i, 1)], opt, self.ctx)[0] for i in range(n)]
+        sync(self.dev)
+        self.res["guard"] = {"steps": n, "batch_size": 1, "losses": losses, "grad_norms": [float(x) for x in norms],
+                             "seconds": time.perf_counter() - t0, "lora_dropout": 0.0,
+                             "recipe_lora_dropout": self.recipe.lora_dropout}
+        log(f"guard: {n} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     # ---------------------------------------------------------- measurement
-    def probe(self, bs: int) -> dict:
-        """One step at batch bs from the init: its peak memory, or {'oom': True}."""
-        opt = self.restore()
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        t0 = time.perf_counter()
-        try:
-            self.safe_step(opt, self.batch(0, bs))
-            self.sync()
-        except Exception as e:  # noqa: BLE001
-            if not is_oom(e):
-                raise
-            del opt
-            self.cleanup_after_oom(None)
-            return {"batch_size": bs, "oom": True}
-        out = {"batch_size": bs, "oom": False, "seconds": time.perf_counter() - t0, **self.peaks()}
-        del opt
-        return out
-
     def timed(self, bs: int, warmup: int, steps: int) -> dict:
-        opt = self.restore()
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        times, losses = [], []
+        """warm-up + timed training steps at batch ``bs`` from the LoRA init. Out of memory: the memory is given
+        back and ``torch.OutOfMemoryError`` raised (what ``autobatch.find_batch_size`` steps down on)."""
+        opt = self.restart()
+        self.meter.reset()
+        times, losses, oom, b = [], [], None, None
         try:
             for i in range(warmup + steps):
                 b = self.batch(i * bs, bs)
-                self.sync()
+                sync(self.dev)
                 t0 = time.perf_counter()
-                loss, _ = self.safe_step(opt, b)
-                self.sync()
+                losses.append(training_step(self.model, [b], opt, self.ctx)[0])
+                sync(self.dev)
                 times.append(time.perf_counter() - t0)
-                losses.append(loss)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is a result
             if not is_oom(e):
                 raise
-            self.cleanup_after_oom(opt)
-            return {"oom": True, "batch_size": bs, "oom_at_step": len(times) + 1}
+            oom = f"batch {bs}: out of memory at step {len(times) + 1}"
+        if oom:  # outside the except block: its traceback no longer holds the step's tensors
+            opt.zero_grad(set_to_none=True)
+            del opt, b
+            free_memory(self.dev)
+            raise torch.OutOfMemoryError(oom)
         steady = times[warmup:]
         st = sum(steady) / len(steady)
-        out = {"oom": False, "batch_size": bs, "tokens_per_step": bs * self.seq, "step_time_s": st,
-               "tokens_per_s": bs * self.seq / st, "step_times_s": times, "first_step_s": times[0],
-               "losses": [float(x) for x in losses], **self.peaks()}
-        del opt
-        return out
+        peaks = self.meter.read()
+        return {"oom": False, "batch_size": bs, "tokens_per_step": bs * self.seq, "step_time_s": st,
+                "tokens_per_s": bs * self.seq / st, "step_times_s": times, "first_step_s": times[0],
+                "losses": losses, **peaks}
+
+    def probe(self, bs: int) -> dict:
+        """One step at batch ``bs`` from the init: its peaks, or {'oom': True}."""
+        try:
+            r = self.timed(bs, 0, 1)
+        except torch.OutOfMemoryError:
+            return {"batch_size": bs, "oom": True}
+        return {"batch_size": bs, "oom": False, "seconds": r["step_time_s"],
+                **{k: r[k] for k in MemoryMeter.KEYS}}
+
+    def predictor(self, cap: float | None, res: dict):
+        """Peak GiB at batch b under this cap, for ``find_batch_size`` (``--predictor``)."""
+        if self.spec["predictor"] == "model":
+            try:
+                predict_peak(self.mcfg, self.recipe, 1, self.seq, device=self.dev.type)
+                res["predictor"] = "memory.predict_peak"
+                return lambda b: predict_peak(self.mcfg, self.recipe, b, self.seq, device=self.dev.type).need(
+                    cap is not None) / GIB
+            except ConfigError as e:  # Liger: not modelled
+                res["predictor_note"] = str(e)
+        res["predictor"] = "probes at batch 1 and 2 (autobatch.linear_predictor) + headroom"
+        probes = self.res.setdefault("_probes", {})  # measured once, at the first cap
+        for b in range(1, min(2, self.spec["max_batch"]) + 1):
+            if str(b) not in probes:
+                probes[str(b)] = self.probe(b)
+                res["probes"].append(probes[str(b)])
+        p1, p2 = probes["1"], probes.get("2")
+        if p1["oom"]:
+            return lambda b: math.inf  # the timed run at batch 1 says whether anything fits
+        if p1["peak_allocated_gib"] is None:  # CPU: no allocator to read, no cap: the largest allowed
+            return lambda b: 0.0
+        headroom = max(0.75, 0.04 * cap) if cap else 0.0
+        if p2 is None or p2["oom"]:
+            return lambda b: p1["peak_allocated_gib"] + headroom if b == 1 else math.inf
+        lin = linear_predictor(p1["peak_allocated_gib"], p2["peak_allocated_gib"])
+        res["slope_gib_per_row"] = lin(2) - lin(1)
+        return lambda b: lin(b) + headroom
+
+    def model_prediction(self, bs: int) -> float | None:
+        """The memory model's peak reserved GiB, recorded beside the measurement (None where it does not model the recipe)."""
+        try:
+            return predict_peak(self.mcfg, self.recipe, bs, self.seq, device=self.dev.type).reserved / GIB
+        except ConfigError:
+            return None
 
     def mfu(self, r: dict) -> None:
         rec = self.recipe
         if rec.gradient_checkpointing != "full" or rec.checkpoint_layers is not None:
             rec = rec.replace(gradient_checkpointing="none")  # non-reentrant: no input grads, recompute not model FLOPs
-        m = F.sweep_metrics(self.cfg, rec, r["batch_size"], self.seq, r["step_time_s"], self.spec.get("peak_sheet"))
+        m = F.sweep_metrics(self.mcfg, rec, r["batch_size"], self.seq, r["step_time_s"], self.spec.get("peak_sheet"))
         r.update(flops_per_step=m["flops_per_step"], tflops_per_s=m["tflops_per_s"], mfu=m["mfu"],
                  peak_tflops_datasheet=self.spec.get("peak_sheet"), peak_tflops_measured=self.spec.get("peak_measured"))
         pm = self.spec.get("peak_measured")
         r["mfu_measured_peak"] = m["tflops_per_s"] / pm if pm else None
 
-    def predicted(self, bs: int) -> float | None:
-        """The analytic memory model's peak (allocator view) where it models the recipe, else None."""
-        r = self.recipe
-        if (r.cross_entropy != "hf" or self.compiled or r.liger != "off" or r.gradient_checkpointing not in ("none", "full")
-                or r.checkpoint_layers is not None or r.lora_matmul_dtype != "adapter"):
-            return None
-        try:
-            from loralab.memory import predict_peak
-            return predict_peak(self.cfg, r, bs, self.seq).reserved / GIB
-        except Exception as e:  # noqa: BLE001 - the memory model is another module's; never fatal here
-            self.res["notes"].append(f"memory.predict_peak failed: {type(e).__name__}: {e}")
-            return None
-
     def run_cap(self, cap: float | None) -> dict:
-        key = str(int(cap)) if cap else "none"
-        self.set_cap(cap)
+        free_memory(self.dev)
+        cap_gpu_memory(cap, self.dev)
         sp = self.spec
-        warm, steps, maxb = sp["warmup"], sp["steps"], sp["max_batch"]
-        margin = max(0.75, 0.04 * cap) if cap else 0.0
         res: dict = {"cap_gib": cap, "probes": [], "checkpointing": "as recipe"}
-        probes = self.res.setdefault("_probes", {})
-        if "1" not in probes:
-            probes["1"] = self.probe(1)
-            res["probes"].append(probes["1"])
-        p1 = probes["1"]
-        if p1["oom"] or (cap and p1["peak_allocated_gib"] + margin > cap):
-            p = self.probe(1) if not p1["oom"] else p1
-            res["probes"].append(p)
-            if p["oom"] or (p["peak_reserved_gib"] or 0) > cap:
-                if sp["method"] in CKPT_SEARCH:
-                    return self.ckpt_search(cap, margin, res)
-                res.update(status="oom", batch_size=0, note="batch 1 does not fit")
-                return res
-            cands = [1]
-        else:
-            if maxb >= 2 and "2" not in probes:
-                probes["2"] = self.probe(2)
-                res["probes"].append(probes["2"])
-            p2 = probes.get("2")
-            if p2 is None or p2["oom"]:
-                cands = [1]
-            elif p2["peak_allocated_gib"] is None:  # CPU: no allocator to read; the largest allowed
-                cands = list(range(maxb, 0, -1))
-            else:
-                slope = max(p2["peak_allocated_gib"] - p1["peak_allocated_gib"], 1e-3)
-                bmax = 1 + math.floor(((cap or 1e9) - margin - p1["peak_allocated_gib"]) / slope)
-                bmax = max(1, min(maxb, bmax))
-                res["slope_gib_per_row"] = slope
-                cands = list(range(bmax, 0, -1))
-        for b in cands:
-            r = self.timed(b, warm, steps)
-            if not r["oom"]:
-                res.update(status="ok", **r)
-                res["predicted_peak_reserved_gib"] = self.predicted(b)
-                self.mfu(res)
-                return res
-            res["probes"].append({"batch_size": b, "oom": True, "during": "timed run"})
-            log(f"  batch {b}: out of memory, stepping down")
-        if sp["method"] in CKPT_SEARCH:
-            return self.ckpt_search(cap, margin, res)
-        res.update(status="oom", batch_size=0)
-        return res
+        predict = self.predictor(cap, res)
+        capacity = cap or (capacity_gib(None, self.dev)[0] if self.dev.type == "cuda" else math.inf)
+        runs: dict[int, dict] = {}
 
-    def ckpt_search(self, cap: float, margin: float, res: dict) -> dict:
-        """fast under a tight cap: full (non-reentrant) checkpointing of as few decoder layers as fit, batch 1."""
-        L = len(FAST.decoder_layers(self.model))
-        p_none = self.res["_probes"].get("1", {})
-        FAST.configure_layers(self.model, compile=self.compiled, checkpointing="full", checkpoint_layers=L)
-        pf = self.probe(1)
-        res["probes"].append({**pf, "checkpoint_layers": L})
-        if pf["oom"]:
-            FAST.configure_layers(self.model, compile=self.compiled)
-            res.update(status="oom", batch_size=0, note="batch 1 does not fit even with all layers checkpointed")
+        def timed_run(b: int) -> float | None:
+            try:
+                runs[b] = self.timed(b, sp["warmup"], sp["steps"])
+            except torch.OutOfMemoryError:
+                res["probes"].append({"batch_size": b, "oom": True, "during": "timed run"})
+                log(f"  batch {b}: out of memory, stepping down")
+                raise
+            return runs[b]["peak_reserved_gib"]
+
+        found = find_batch_size(predict, timed_run, capacity, max_batch=sp["max_batch"])
+        if not found.chosen:
+            res.update(status="oom", batch_size=0, note="batch 1 does not fit")
             return res
-        if not p_none.get("oom", True):
-            per_layer = max((p_none["peak_allocated_gib"] - pf["peak_allocated_gib"]) / L, 1e-3)
-            n = math.ceil((p_none["peak_allocated_gib"] + margin - cap) / per_layer) + 1
-        else:
-            n = L // 2
-        n = max(1, min(L, n))
-        while True:
-            FAST.configure_layers(self.model, compile=self.compiled, checkpointing="full", checkpoint_layers=n)
-            r = self.timed(1, self.spec["warmup"], self.spec["steps"])
-            if not r["oom"] or n >= L:
-                break
-            res["probes"].append({"batch_size": 1, "oom": True, "checkpoint_layers": n, "during": "timed run"})
-            n = min(L, n + max(2, L // 8))
-        FAST.configure_layers(self.model, compile=self.compiled)
-        if r["oom"]:
-            res.update(status="oom", batch_size=0)
-            return res
-        res.update(status="ok", checkpointing=f"full on {n} of {L} layers (non-reentrant)", checkpoint_layers=n, **r)
+        res.update(status="ok", **runs[found.chosen])
+        res["predicted_peak_reserved_gib"] = self.model_prediction(found.chosen)
         self.mfu(res)
         return res
 
     def run(self) -> None:
-        torch.manual_seed(self.spec["seed"])
         caps = self.spec["caps"] or [None]
-        self.set_cap(caps[0])
-        if self.recipe.cross_entropy == "liger":
-            from transformers.models.llama import modeling_llama
-            self.orig_forward = modeling_llama.LlamaForCausalLM.forward
-        FAST.COMPILE_OPTIONS = {"dynamic": True}  # one compile for every batch size probed
+        cap_gpu_memory(caps[0], self.dev)
+        FAST.COMPILE_OPTIONS = {"dynamic": True}  # one compile for every batch size tried
+        guard = self.spec["method"] in GUARD and self.spec["guard_steps"]
         try:
-            self.build()
+            self.build(guard_recipe(self.recipe) if guard else self.recipe)
+            self.save()
+            if guard:
+                self.guard()
+                self.save()
+                if guard_recipe(self.recipe) != self.recipe:  # the timed model keeps the recipe's dropout
+                    self.build(self.recipe)
         except ConfigError as e:
             self.res["status"] = f"unavailable: {e}"
             log(f"{self.spec['method']}: {e}")
             self.save()
             return
         self.save()
-        if self.spec["method"] in GUARD and self.spec["guard_steps"]:
-            self.guard(self.spec["guard_steps"])
-            self.save()
         for cap in caps:
             key = str(int(cap)) if cap else "none"
             t0 = time.perf_counter()
@@ -447,19 +335,6 @@ def worker_main(spec_path: str) -> int:
 
 
 # =================================================================== parent
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    import importlib.metadata as md
-    for p in ("transformers", "peft", "bitsandbytes", "liger-kernel", "triton"):
-        try:
-            out[p] = md.version(p)
-        except Exception:  # noqa: BLE001
-            out[p] = "not installed"
-    return out
-
-
-
 
 def load_chunks(args, seq: int, n: int) -> tuple[torch.Tensor, str]:
     """n packed chunks of seq tokens: SAMSum's first train chunks (llama-recipes packing) if found."""
@@ -544,7 +419,8 @@ def markdown(res: dict) -> str:
          + ", ".join(f"{k} {v}" for k, v in e["versions"].items()),
          f"- model: {res['model']} (random weights: speed and memory do not depend on them); data: {res['data']}",
          f"- seq {res['seq_len']} tokens; steps per config: {res['warmup']} warm-up + {res['steps']} timed "
-         f"(seed: {res['seed_warmup']} + {res['seed_steps']}); batch: largest that fits, at most {res['max_batch']}",
+         f"(seed: {res['seed_warmup']} + {res['seed_steps']}); batch: largest that fits, at most {res['max_batch']} "
+         f"(autobatch.find_batch_size, predictor: {res.get('predictor', 'probes')})",
          f"- MFU = analytic model FLOPs (loralab.flops) / step time / peak; peaks: data sheet "
          f"{fmt(res['peak_tflops_datasheet'], '.0f')} TFLOP/s bf16 dense, measured bf16 matmul "
          f"{fmt(res['peak_tflops_measured'], '.0f')} TFLOP/s", "",
@@ -590,7 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, seq 64, few steps")
     ap.add_argument("--ablation", action="store_true", help="the fast recipe with one lever changed at a time (cap 40)")
-    ap.add_argument("--only", default="", help="comma-separated methods (" + ", ".join(method_recipes()) + ")")
+    ap.add_argument("--only", default="", help="comma-separated methods: short names (" + ", ".join(METHODS)
+                    + ") or recipe names (loralab.config.RECIPES, e.g. the fast-* ablation variants)")
     ap.add_argument("--caps", type=float, nargs="*", default=None, help="GiB caps (default 40 24; ablation 40)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
@@ -599,6 +476,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-steps", type=int, default=2)
     ap.add_argument("--guard-steps", type=int, default=50)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--predictor", choices=["probes", "model"], default="probes",
+                    help="where the batch search starts: probe steps at batch 1 and 2 (the committed results), or "
+                         "loralab.memory.predict_peak where it models the recipe")
     ap.add_argument("--model-folder", default="", help="HF folder to load (e.g. materialize_preset('llama2-7b')); default: random weights built on the GPU")
     ap.add_argument("--data", default="", help="SAMSum folder (default $LORALAB_SAMSUM_DIR)")
     ap.add_argument("--tokenizer", default="", help="Llama 2 tokenizer.model (default $LORALAB_LLAMA2_TOKENIZER)")
@@ -611,11 +491,7 @@ def main(argv=None) -> int:
         return worker_main(args.worker)
 
     t_start = time.perf_counter()
-    recipes = method_recipes()
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or (ABLATION if args.ablation else MAIN)
-    bad = [n for n in names if n not in recipes]
-    if bad:
-        raise ConfigError(f"--only {','.join(bad)}: expected names from {', '.join(recipes)}")
+    names = method_names(args.only, args.ablation)
     cuda = torch.cuda.is_available() and not args.smoke
     if args.smoke:
         args.seq_len, args.warmup, args.steps = min(args.seq_len, 64), 1, 2
@@ -629,7 +505,7 @@ def main(argv=None) -> int:
         caps = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = gpu_info() if cuda else {"name": f"cpu ({platform.machine()})", "driver": None}
+    gpu = gpu_info()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = "smoke" if args.smoke else ("ablation" if args.ablation else "compare")
     gname = gpu["name"].replace("NVIDIA ", "").replace(" ", "-").split("(")[0].strip("-")
@@ -645,13 +521,15 @@ def main(argv=None) -> int:
         peak_meas = measure_matmul_peak("cuda")
         torch.cuda.empty_cache()
         log(f"measured bf16 matmul peak: {peak_meas:.0f} TFLOP/s (data sheet {peak_sheet} TFLOP/s)")
+    model = "tiny" if args.smoke else (args.model_folder or "llama2-7b")
     res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
            "date": dt.datetime.now().isoformat(timespec="seconds"),
-           "env": {"gpu": gpu, "versions": versions(), "host": platform.node()},
+           "env": {"gpu": gpu, "versions": versions(VERSIONS), "host": platform.node()},
            "model": "tiny preset" if args.smoke else (args.model_folder or "Llama-2-7B shape (llama2-7b preset config)"),
-           "random_weights": True, "data": data_desc, "seq_len": args.seq_len, "caps_gib": caps,
-           "warmup": args.warmup, "steps": args.steps, "seed_warmup": args.seed_warmup, "seed_steps": args.seed_steps,
-           "guard_steps": args.guard_steps, "max_batch": args.max_batch,
+           "random_weights": RunConfig(model=model).random_weights, "data": data_desc, "seq_len": args.seq_len,
+           "caps_gib": caps, "warmup": args.warmup, "steps": args.steps, "seed_warmup": args.seed_warmup,
+           "seed_steps": args.seed_steps, "guard_steps": args.guard_steps, "max_batch": args.max_batch,
+           "predictor": args.predictor,
            "peak_tflops_datasheet": peak_sheet, "peak_tflops_measured": peak_meas, "methods": {}}
 
     def write():
@@ -667,13 +545,12 @@ def main(argv=None) -> int:
             log(f"{name}: skipped, budget spent")
             write()
             continue
-        rec = recipes[name]
+        rec = get_recipe(METHODS.get(name, name))
         slow = name == "seed"
-        spec = {"method": name, "recipe": {**asdict(rec), "lora_targets": list(rec.lora_targets)},
-                "device": "cuda" if cuda else "cpu", "preset": "tiny" if args.smoke else "llama2-7b",
-                "model_folder": args.model_folder, "chunks": str(tmp / "chunks.pt"), "caps": caps,
+        cfg = RunConfig(model=model, recipe=rec, seq_len=args.seq_len, device="cuda" if cuda else "cpu", seed=args.seed)
+        spec = {"method": name, "config": cfg.to_dict(), "chunks": str(tmp / "chunks.pt"), "caps": caps,
                 "warmup": args.seed_warmup if slow else args.warmup, "steps": args.seed_steps if slow else args.steps,
-                "guard_steps": args.guard_steps, "max_batch": args.max_batch, "seed": args.seed,
+                "guard_steps": args.guard_steps, "max_batch": args.max_batch, "predictor": args.predictor,
                 "peak_sheet": peak_sheet, "peak_measured": peak_meas, "result": str(tmp / f"{name}.json")}
         (tmp / f"{name}.spec.json").write_text(json.dumps(spec))
         log(f"=== {name} ({rec.name}) ===")

@@ -8,11 +8,15 @@ Runs (every one a real ``torchrun`` through ``loralab.distributed.launch``):
   A  1 GPU,  DDP path, fast recipe, batch b per GPU          -> tokens/s (the baseline)
   D  2 GPUs, DDP, fast recipe, batch b per GPU, 50 steps     -> tokens/s (bar: >= 1.85 x A), losses
   C  1 GPU,  batch 2b (same global batch as D), 50 steps     -> losses (bar: D within 1 % of C every step)
-  E  1 GPU,  Llama-2-13B shape, bf16, checkpointing, 24 GiB cap   -> out of memory (bar)
+  E  1 GPU,  Llama-2-13B shape, lora-bf16-ckpt (fast's bf16 layers, HF checkpointing), 24 GiB cap
+                                                             -> out of memory (bar)
   F  2 GPUs, FSDP2, same, 24 GiB cap per GPU                 -> trains; per-GPU peak vs the memory model (bar: 5 %)
   G  2 "nodes" on one host: two torchrun launches (--nnodes 2 --node-rank 0/1, one GPU each,
      rendezvous on 127.0.0.1)                                -> trains and reports like D
-Writes distributed.json, distributed.md and distributed_scaling.html (tokens/s vs GPUs) to --out.
+Each run is one ``RunConfig`` (recipe from ``loralab.config.RECIPES``; nproc, strategy, nnodes,
+node_rank, master_port) handed to ``loralab.distributed.launch``, which returns its ``TrainResult``.
+Writes distributed.json, distributed.md and distributed_scaling.html (tokens/s vs GPUs) to --out
+(the HTML embeds plotly, ~5 MB: it is not committed; benchmarks/results/*.html is git-ignored).
 Random weights: the losses compare runs with each other; they mean nothing about a real model.
 """
 
@@ -23,7 +27,6 @@ import datetime as dt
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from loralab import distributed as D  # noqa: E402
-from loralab.config import RunConfig, get_recipe  # noqa: E402
+from loralab.config import RunConfig  # noqa: E402
+from loralab.device import gpu_info, versions  # noqa: E402
+
+
+BIG_RECIPE = "lora-bf16-ckpt"
+"""Runs E and F (13B shape): fast's bf16 layers with HF's checkpointing on every layer (non-reentrant under FSDP,
+``distributed.wrap_model``); the earlier results ran fast itself with HF's checkpointing, which the registry has
+not (fast-full-ckpt checkpoints inside the compiled layers, not yet run under FSDP on a GPU)."""
 
 
 def free_port() -> int:
@@ -43,56 +53,43 @@ def free_port() -> int:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
     import torch
 
     env = {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join([sys.executable] + sys.argv),
-           "torch": torch.__version__, "python": sys.version.split()[0]}
-    for p in ("transformers", "peft"):
-        try:
-            env[p] = md.version(p)
-        except md.PackageNotFoundError:
-            env[p] = None
+           **versions(("torch", "transformers", "peft")), "gpus": [], "driver": gpu_info()["driver"]}
     if torch.cuda.is_available():
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.split()[0]
-        except Exception:  # noqa: BLE001
-            env["driver"] = None
-    else:
-        env["gpus"] = []
     return env
 
 
-def summarize(name: str, res: dict, t: float) -> dict:
-    keep = ("status", "world_size", "strategy", "per_gpu_batch_size", "grad_accum", "global_batch_size", "steps_done",
+def summarize(name: str, res, t: float) -> dict:
+    """The run's ``TrainResult`` as a row (per_gpu_batch_size: the result's batch_size, per process)."""
+    d = res.to_dict()
+    keep = ("status", "world_size", "strategy", "grad_accum", "global_batch_size", "steps_done",
             "tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "peak_reserved_gib", "peak_allocated_gib",
-            "predicted_peak_gib", "per_rank", "rank_status", "error", "torchrun_returncode")
-    out = {"run": name, "wall_s": round(t, 1), **{k: res.get(k) for k in keep}, "losses": res.get("losses") or []}
+            "predicted_peak_gib", "per_rank", "rank_status", "error")
+    out = {"run": name, "wall_s": round(t, 1), "per_gpu_batch_size": d["batch_size"], **{k: d[k] for k in keep},
+           "losses": d["losses"] or []}
     print(f"  {name}: {out['status']} in {t:.0f} s, {out['steps_done']} steps, "
           f"{(out['tokens_per_s'] or 0):,.0f} tok/s, peak reserved {out['peak_reserved_gib']} GiB/GPU", flush=True)
     return out
 
 
-def run(name: str, cfg: RunConfig, out: Path, timeout_s: float, env: dict | None = None, **la) -> dict:
+def run(name: str, cfg: RunConfig, out: Path, timeout_s: float) -> dict:
     t0 = time.perf_counter()
-    res = D.launch(cfg, out / name, D.LaunchArgs(master_port=free_port(), timeout_s=timeout_s, **la),
-                   progress=lambda *a: None, env=env)
+    res = D.launch(cfg, out / name, progress=lambda *a: None, timeout_s=timeout_s)
     return summarize(name, res, time.perf_counter() - t0)
 
 
 def two_nodes(cfg: RunConfig, out: Path, timeout_s: float, gpu: bool) -> dict:
     """Two torchrun launches, --nnodes 2, one process each, static rendezvous on 127.0.0.1."""
-    port, results = free_port(), {}
+    results = {}
 
     def node(rank: int) -> None:
         env = {"CUDA_VISIBLE_DEVICES": str(rank)} if gpu else {}
-        results[rank] = D.launch(cfg, out / f"G_node{rank}", D.LaunchArgs(
-            nproc=1, nnodes=2, node_rank=rank, strategy="ddp", master_addr="127.0.0.1", master_port=port,
-            timeout_s=timeout_s), progress=lambda *a: None, env=env)
+        results[rank] = D.launch(RunConfig.from_dict({**cfg.to_dict(), "node_rank": rank}), out / f"G_node{rank}",
+                                 progress=lambda *a: None, env=env, timeout_s=timeout_s)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
@@ -101,7 +98,7 @@ def two_nodes(cfg: RunConfig, out: Path, timeout_s: float, gpu: bool) -> dict:
     for th in threads:
         th.join()
     s = summarize("G", results[0], time.perf_counter() - t0)
-    s["node1_torchrun_returncode"] = results[1].get("torchrun_returncode")
+    s["node1_status"] = results[1].status
     return s
 
 
@@ -129,30 +126,28 @@ def main(argv=None) -> int:
         base = dict(model="llama2-7b", tokenizer=tok, data=data, seq_len=2048, device="cuda")
         big = dict(model="llama2-13b", tokenizer=tok, data=data, seq_len=2048, device="cuda")
         timeout = 420
-    fast = get_recipe("fast")
-    fast_ckpt = fast.replace(name="fast-ckpt", gradient_checkpointing="full")
     b = a.batch
+
+    def cfg(base: dict, recipe: str, batch: int, steps: int, nproc: int, strategy: str, **kw) -> RunConfig:
+        return RunConfig(**base, recipe=recipe, batch_sizes=[batch], max_steps=steps, nproc=nproc, strategy=strategy,
+                         master_port=free_port(), **kw)
+
     env = environment()
     print(f"distributed benchmark: {'smoke (CPU, gloo)' if a.smoke else env.get('gpus')}", flush=True)
     runs: dict[str, dict] = {}
     if "A" in a.only:
-        runs["A"] = run("A", RunConfig(**base, recipe=fast, batch_size=b, max_steps=a.speed_steps), work, timeout,
-                        nproc=1, strategy="ddp")
+        runs["A"] = run("A", cfg(base, "fast", b, a.speed_steps, 1, "ddp"), work, timeout)
     if "D" in a.only:
-        runs["D"] = run("D", RunConfig(**base, recipe=fast, batch_size=b, max_steps=a.loss_steps), work, timeout,
-                        nproc=2, strategy="ddp")
+        runs["D"] = run("D", cfg(base, "fast", b, a.loss_steps, 2, "ddp"), work, timeout)
     if "C" in a.only:
-        runs["C"] = run("C", RunConfig(**base, recipe=fast, batch_size=2 * b, max_steps=a.loss_steps), work, timeout,
-                        nproc=1, strategy="ddp")
+        runs["C"] = run("C", cfg(base, "fast", 2 * b, a.loss_steps, 1, "ddp"), work, timeout)
     cap = None if a.smoke else a.cap_gib
     if "E" in a.only and not a.smoke:  # an OOM cannot happen on the CPU
-        runs["E"] = run("E", RunConfig(**big, recipe=fast_ckpt, batch_size=1, max_steps=5, gpu_memory_gib=cap),
-                        work, timeout, nproc=1, strategy="ddp")
+        runs["E"] = run("E", cfg(big, BIG_RECIPE, 1, 5, 1, "ddp", gpu_memory_gib=cap), work, timeout)
     if "F" in a.only:
-        runs["F"] = run("F", RunConfig(**big, recipe=fast_ckpt, batch_size=1, max_steps=8, gpu_memory_gib=cap),
-                        work, timeout, nproc=2, strategy="fsdp")
+        runs["F"] = run("F", cfg(big, BIG_RECIPE, 1, 8, 2, "fsdp", gpu_memory_gib=cap), work, timeout)
     if "G" in a.only:
-        runs["G"] = two_nodes(RunConfig(**base, recipe=fast, batch_size=b, max_steps=10), work, timeout, gpu)
+        runs["G"] = two_nodes(cfg(base, "fast", b, 10, 1, "ddp", nnodes=2, master_addr="127.0.0.1"), work, timeout, gpu)
 
     checks = {}
     if "A" in runs and "D" in runs and runs["A"]["tokens_per_s"] and runs["D"]["tokens_per_s"]:

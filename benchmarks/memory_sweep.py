@@ -1,21 +1,24 @@
 """Predicted vs measured peak GPU memory of a LoRA training step, per recipe and batch size.
 
     python benchmarks/memory_sweep.py --out benchmarks/results/            # H200: Llama-2-7B shape, ~5-7 min
+    python benchmarks/memory_sweep.py --recipes fast --out /tmp/mem-fast    # H200: the fast recipe alone, ~2 min
     python benchmarks/memory_sweep.py --smoke --out /tmp/memsweep-smoke     # CPU, tiny model: code paths only
 
 Random weights in the Llama-2-7B shape (memory does not depend on the values; int8 outlier
-columns do a little, see loralab.memory.INT8_OUTLIER_COL_FRACTION_DOWN). The model is
-loaded the way loralab trains it (``loralab.model.materialize_preset`` -> ``load_base_model``
--> ``add_lora``: real bitsandbytes int8/nf4 via from_pretrained), once per base (seed and
-seed-sdpa share one load, switching attention; lora-bf16-ckpt and lora-bf16 share one,
-switching checkpointing off).
+columns do a little, see loralab.memory.INT8_OUTLIER_COL_FRACTION_DOWN). Recipes are names in
+``loralab.config.RECIPES``. The model is loaded the way loralab trains a preset
+(``model.materialize_preset`` -> ``load_base_model`` -> ``add_lora``: real bitsandbytes int8/nf4 via
+from_pretrained), once per group (seed and seed-sdpa share one load, switching attention;
+lora-bf16-ckpt and lora-bf16 share one, switching checkpointing off).
 
-Per (recipe, batch size), uncapped: ``--steps`` real training steps (forward, loss, ``del
-outputs``, backward, AdamW step, zero_grad) with the allocator's peak stats reset first;
-records max_memory_allocated, max_memory_reserved and the device peak (reserved + the
-process's memory outside the allocator, from cudaMemGetInfo before the run), or OOM.
-Then, under ``--cap-gib`` (set_per_process_memory_fraction), the predicted largest batch and
-its neighbours are run until the measured largest batch under the cap is pinned down.
+Per (recipe, batch size), uncapped: ``--steps`` training steps of ``loralab.train.training_step``
+on ``distributed.wrap_model`` (the recipe's own loss, e.g. fast's chunked cross-entropy; AdamW from
+``train.optimizer_setup``) with the allocator's peaks reset first (``device.MemoryMeter``); records
+the allocated and reserved peaks and the device peak (reserved + the process's memory outside the
+allocator, read before the run), or out-of-memory (``device.is_oom``). Then, under ``--cap-gib``
+(``device.cap_gpu_memory``), the measured largest batch: ``autobatch.find_batch_size`` from one above
+the memory model's largest (``autobatch.largest_batch_that_fits``), stepping down on out-of-memory,
+and up again while the start fits, until a batch fits and the next one does not.
 Each group runs in its own process (``--in-process`` turns that off), as a training run would.
 Writes memory_sweep.json and memory_sweep.md (command, GPU, driver, versions, date) to --out.
 """
@@ -24,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,88 +37,58 @@ from pathlib import Path
 import torch
 
 from loralab import allocator as LA
+from loralab import distributed as D
 from loralab import memory as M
-from loralab.environment import gpu_info  # noqa: E402
-from loralab.train import is_oom  # noqa: E402
 from loralab import model as LM
+from loralab.autobatch import find_batch_size, largest_batch_that_fits
+from loralab.config import RunConfig, get_recipe
+from loralab.device import GIB, MemoryMeter, cap_gpu_memory, free_memory, gpu_info, is_oom, sync, versions
+from loralab.profilers import random_batch
+from loralab.shape import preset_config
+from loralab.train import optimizer_setup, training_step
 
 BAR_RECIPES = ["seed", "seed-sdpa", "qlora", "lora-bf16-ckpt", "lora-bf16"]
 GROUPS = [["seed", "seed-sdpa"], ["qlora"], ["lora-bf16-ckpt", "lora-bf16"], ["fast"]]
+VERSIONS = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("transformers", "peft", "bitsandbytes"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"not available ({type(e).__name__})"
-    return out
-
-
-
-
-
-
-def set_cap(gib: float | None) -> None:
-    if not torch.cuda.is_available():
-        return
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * 2**30 / total))
-
-
-def clean() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def measure(model, opt, bs: int, seq: int, vocab: int, steps: int, device) -> dict:
+def measure(model, opt, ctx, bs: int, seq: int, vocab: int, steps: int) -> dict:
     """One isolated measurement: ``steps`` training steps; peaks in GiB, or status 'oom'."""
-    cuda = device.type == "cuda"
-    clean()
-    outside = 0.0
-    if cuda:
-        free, total = torch.cuda.mem_get_info()
-        outside = (total - free - torch.cuda.memory_reserved()) / 2**30  # context + anything not ours
-    row = {"status": "ok"}
+    meter = MemoryMeter(ctx.device)
+    free_memory(ctx.device)
+    outside = None
+    if meter.cuda:  # context + anything not ours
+        outside = meter.read()["device_used_gib"] - meter.now()["reserved_gib"]
+    meter.reset()
+    row, oom = {"status": "ok"}, None
     t0 = time.perf_counter()
-    ids = None
     try:
-        ids = torch.randint(0, vocab, (bs, seq), device=device)
+        batch = random_batch(vocab, bs, seq, ctx.device)
         for _ in range(steps):
-            out = model(input_ids=ids, labels=ids)
-            loss = out.loss
-            del out  # as loralab.train: the logits must not live through backward
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-        if cuda:
-            torch.cuda.synchronize()
-            row["allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-            row["outside_allocator_gib"] = outside
-            row["device_gib"] = row["reserved_gib"] + outside
-    except Exception as e:  # noqa: BLE001
+            training_step(model, [batch], opt, ctx)
+        sync(ctx.device)
+        if meter.cuda:
+            peaks = meter.read()
+            row.update(allocated_gib=peaks["peak_allocated_gib"], reserved_gib=peaks["peak_reserved_gib"],
+                       outside_allocator_gib=outside, device_gib=peaks["peak_reserved_gib"] + outside)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is a result
         if not is_oom(e):
             raise
-        row = {"status": "oom", "error": str(e).splitlines()[0][:200]}
-    finally:
-        ids = None
-        opt.zero_grad(set_to_none=True)
-        clean()
+        oom = str(e).splitlines()[0][:200]
+    batch = None
+    opt.zero_grad(set_to_none=True)
+    free_memory(ctx.device)
+    if oom:
+        row = {"status": "oom", "error": oom}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
 
-def switch(model, base, name: str, recipe) -> None:
+def switch(model, base, recipe) -> None:
     """Reuse a loaded model for a variant that differs only in attention or checkpointing."""
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(recipe.attn_implementation)
@@ -130,14 +101,18 @@ def switch(model, base, name: str, recipe) -> None:
 
 def predicted(cfg, recipe, bs, seq) -> dict:
     bd = M.predict_peak(cfg, recipe, bs, seq)
-    return {"predicted_allocated_gib": bd.allocated / 2**30, "predicted_reserved_gib": bd.reserved / 2**30,
-            "predicted_device_gib": bd.total / 2**30, "predicted_phase": bd.phase}
+    return {"predicted_allocated_gib": bd.allocated / GIB, "predicted_reserved_gib": bd.reserved / GIB,
+            "predicted_device_gib": bd.total / GIB, "predicted_phase": bd.phase}
 
 
 def variant(name: str, args):
-    """The recipe as loralab runs it, or with its allocator replaced (--allocator)."""
-    r = M.recipe_variant(name)
+    """The registry recipe as loralab runs it, or with its allocator replaced (--allocator: a measurement knob)."""
+    r = get_recipe(name)
     return r.replace(allocator=args.allocator) if args.allocator else r
+
+
+def run_config(recipe, args, device) -> RunConfig:
+    return RunConfig(model=args.model, recipe=recipe, seq_len=args.seq_len, device=device.type)
 
 
 def run_group(names, args, cfg, device, rows, cap_rows) -> None:
@@ -150,13 +125,15 @@ def run_group(names, args, cfg, device, rows, cap_rows) -> None:
     for name in names:
         recipe = variant(name, args)
         if name != names[0]:
-            switch(model, base, name, recipe)
+            switch(model, base, recipe)
+        run = run_config(recipe, args, device)
+        ctx = D.single_process_context(run)
+        wrapped = D.wrap_model(model, ctx, recipe)
         attn = base.config._attn_implementation
         ckpt = LM.checkpointing_active(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate,
-                                weight_decay=recipe.weight_decay)
+        opt, _ = optimizer_setup(wrapped, run)
         for bs in args.batch_sizes:
-            r = measure(model, opt, bs, args.seq_len, cfg.vocab_size, args.steps, device)
+            r = measure(wrapped, opt, ctx, bs, args.seq_len, cfg.vocab_size, args.steps)
             r.update({"recipe": name, "batch_size": bs, "seq_len": args.seq_len, "attn": attn, "checkpointing": ckpt,
                       "allocator": recipe.allocator, "segments": LA.segment_modes(),
                       **predicted(cfg, recipe, bs, args.seq_len)})
@@ -166,17 +143,17 @@ def run_group(names, args, cfg, device, rows, cap_rows) -> None:
             log(f"  {name:15s} bs {bs:3d}: {r['status']:3s} reserved {r.get('reserved_gib', float('nan')):7.2f} GiB  "
                 f"predicted {r['predicted_reserved_gib']:7.2f} GiB  ({r.get('error_pct', float('nan')):+.1f} %)  {r['seconds']} s")
         if args.cap_gib:  # on CPU (smoke) nothing is capped: exercises the search only
-            cap_rows.append(cap_search(model, opt, cfg, recipe, name, args, device))
-        del opt
-        clean()
+            cap_rows.append(cap_search(wrapped, opt, ctx, cfg, recipe, name, args))
+        del opt, wrapped
+        free_memory(device)
     del model, base
-    clean()
+    free_memory(device)
 
 
 def run_group_in_child(names, args) -> tuple[list, list]:
     """One group in a fresh process: blocks the previous group's model left in the allocator (a bitsandbytes
-    int8 model keeps some alive after ``del``) would otherwise count in this group's reserved peaks. H200,
-    qlora bs 1 after the seed group in one process: 7.69 GiB reserved; in its own process: 6.39 GiB."""
+    int8 model keeps some alive after ``del``) would otherwise count in this group's reserved peaks
+    (benchmarks/results/memory_model_check_H200_20261130-loralab.md: qlora bs 1, 7.69 against 6.39 GiB)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,38 +169,41 @@ def run_group_in_child(names, args) -> tuple[list, list]:
     return data["rows"], data["cap"]
 
 
-def cap_search(model, opt, cfg, recipe, name, args, device) -> dict:
-    """Measured largest batch under the allocator cap, starting at the predicted one."""
+def cap_search(model, opt, ctx, cfg, recipe, name, args) -> dict:
+    """Measured largest batch under the allocator cap: ``find_batch_size`` from one above the predicted largest
+    (stepping down on out-of-memory), started one higher while its start fits; at most ``--cap-tries`` measurements."""
     if args.smoke:  # a cap this recipe's batch 2 just fits under, so the search stays tiny
-        args.cap_gib = M.predict_peak(cfg, recipe, 2, args.seq_len).info["reserved_under_cap"] / 2**30 * 1.001
-    p = M.largest_batch_that_fits(cfg, recipe, args.seq_len, args.cap_gib, allocator_cap=True)
-    tried = {}
-    set_cap(args.cap_gib)
-    try:
-        def fits(b):
-            if b < 1:
-                return True
-            if b not in tried:
-                r = measure(model, opt, b, args.seq_len, cfg.vocab_size, args.steps, device)
-                tried[b] = r
-                log(f"  {name:15s} cap {args.cap_gib} GiB, bs {b:3d}: {r['status']} {r.get('reserved_gib', float('nan')):.2f} GiB")
-            return tried[b]["status"] == "ok"
+        args.cap_gib = M.predict_peak(cfg, recipe, 2, args.seq_len).info["reserved_under_cap"] / GIB * 1.001
+    p = largest_batch_that_fits(cfg, recipe, args.seq_len, args.cap_gib, allocator_cap=True)
+    tried: dict[int, dict] = {}
 
-        b = max(p, 1)
-        measured = None
-        for _ in range(args.cap_tries):
-            if fits(b):
-                if not fits(b + 1):
-                    measured = b
-                    break
-                b += 1
-            else:
-                if b == 1:
-                    measured = 0
-                    break
-                b -= 1
+    def predict(b: int) -> float:
+        return M.predict_peak(cfg, recipe, b, args.seq_len).need(True) / GIB
+
+    def one(b: int) -> float | None:
+        if b not in tried:
+            if len(tried) >= args.cap_tries:
+                raise TimeoutError
+            tried[b] = measure(model, opt, ctx, b, args.seq_len, cfg.vocab_size, args.steps)
+            log(f"  {name:15s} cap {args.cap_gib} GiB, bs {b:3d}: {tried[b]['status']} "
+                f"{tried[b].get('reserved_gib', float('nan')):.2f} GiB")
+        if tried[b]["status"] == "oom":
+            raise torch.OutOfMemoryError(f"batch {b}")
+        return tried[b].get("reserved_gib")
+
+    cap_gpu_memory(args.cap_gib, ctx.device)
+    measured, start = None, p + 1
+    try:
+        while True:
+            found = find_batch_size(predict, one, args.cap_gib, start=start)
+            if found.chosen < start:  # it fits and the next one did not (0: not even batch 1)
+                measured = found.chosen
+                break
+            start += 1
+    except TimeoutError:  # --cap-tries measurements: not pinned down
+        pass
     finally:
-        set_cap(None)
+        cap_gpu_memory(None, ctx.device)
     return {"recipe": name, "allocator": recipe.allocator, "cap_gib": args.cap_gib, "predicted_largest": p, "measured_largest": measured,
             "match": measured == p, "tried": {str(k): v for k, v in sorted(tried.items())}}
 
@@ -267,13 +247,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.seq_len, args.batch_sizes, args.steps, args.cap_tries = "tiny", 64, [1, 2], 1, 2
-        args.recipes = [r for r in args.recipes if r in ("seed", "qlora", "lora-bf16")]
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+        args.recipes = [r for r in args.recipes if r in ("seed", "qlora", "lora-bf16", "fast")]
+    device = D.single_process_context(RunConfig(device="cpu" if args.smoke else "auto")).device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"memory sweep: {args.model} on {device}, recipes {args.recipes}, bs {args.batch_sizes}, seq {args.seq_len}")
     args.folder = LM.materialize_preset(args.model, progress=log)
-    cfg = M.preset_config(args.model)
+    cfg = preset_config(args.model)
     rows, cap_rows = [], []
     t0 = time.perf_counter()
 
@@ -281,7 +261,7 @@ def main(argv=None) -> int:
         result = {
             "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "model": args.model, "random_weights": True, "seq_len": args.seq_len, "steps": args.steps,
-            "gpu": gpu_info(), "versions": versions(),
+            "gpu": gpu_info(), "versions": versions(VERSIONS),
             "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "default", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "constants": M.calibration_constants(),
             "rows": rows, "cap": cap_rows, "seconds": round(time.perf_counter() - t0, 1),

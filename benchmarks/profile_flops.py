@@ -8,8 +8,12 @@ Per recipe and batch size (seq 2048): analytic model / hardware FLOPs, FlopCount
 over one real step, DeepSpeed get_model_profile (study's convention), measured step
 time (AdamW step included), achieved TFLOP/s, MFU and HFU against the data-sheet
 bf16 dense peak and against a matmul peak measured here, GPU use from nvitop.
-Recipes: "fast" (bf16, SDPA, no checkpointing), "fast+ckpt" (the same with
-checkpointing), and "seed" (the study's: int8 base, fp32 rest, eager, checkpointing).
+Recipes (names in ``loralab.config.RECIPES``): "fast" (bf16, SDPA, no checkpointing),
+"lora-bf16-ckpt" (fast's layers with HF's reentrant checkpointing and HF's loss: the
+"fast+ckpt" rows of the earlier results), and "seed" (the study's: int8 base, fp32 rest, eager,
+checkpointing). Everything measured is the library's: the model (``model.build_random_model``),
+the step (``profilers.count_step_flops`` / ``time_steps``: ``loralab.train``'s step), the peaks
+(``device.MemoryMeter``), out-of-memory (``device.is_oom``), versions (``device.versions``).
 Writes flops_<gpu>_<date>.json and .md to --out. An out-of-memory batch is recorded
 and the sweep goes on.
 """
@@ -18,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,30 +30,21 @@ from pathlib import Path
 import torch
 
 from loralab import flops as F
-from loralab.environment import gpu_info  # noqa: E402
-from loralab.train import is_oom  # noqa: E402
 from loralab import profilers as P
 from loralab.config import get_recipe
+from loralab.device import MemoryMeter, free_memory, gpu_info, is_oom, resolve_device, versions
 from loralab.gpu_monitor import GpuMonitor
+from loralab.model import build_random_model
+from loralab.shape import preset_config
 
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("transformers", "peft", "bitsandbytes", "deepspeed", "nvitop"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"not available ({type(e).__name__})"
-    return out
-
-
-
-
+RECIPES = ["fast", "lora-bf16-ckpt", "seed"]
+VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "nvitop")
 
 
 def run_recipe(label, cfg, recipe, batch_sizes, seq_len, steps, device, peak_sheet, peak_measured, ds_bs):
     rows = []
-    model = P.build_lora_model(cfg, recipe, device)
+    meter = MemoryMeter(device)
+    model = build_random_model(cfg, recipe, device)
     for bs in batch_sizes:
         row = {"recipe": label, "batch_size": bs, "seq_len": seq_len, "tokens": bs * seq_len, "status": "ok"}
         a = F.recipe_step_flops(cfg, recipe, bs, seq_len)
@@ -64,6 +56,7 @@ def run_recipe(label, cfg, recipe, batch_sizes, seq_len, steps, device, peak_she
             row["analytic_hw_minus_quantized_forward"] = a.hardware_flops - a.frozen_fwd * (
                 2 if recipe.gradient_checkpointing == "full" else 1)
         ids = P.random_batch(cfg.vocab_size, bs, seq_len, device)
+        oom = None
         try:
             t0 = time.perf_counter()
             c = P.count_step_flops(model, ids, recipe)
@@ -75,8 +68,7 @@ def run_recipe(label, cfg, recipe, batch_sizes, seq_len, steps, device, peak_she
                 d = P.deepspeed_profile(model, ids)
                 row.update(ds_forward_flops=d["forward_flops"], ds_forward_macs=d["forward_macs"], ds_params=d["params"],
                            ds_step_flops=d["step_flops_ds_convention"], ds_error=d["error"])
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            meter.reset()
             with GpuMonitor(interval_s=0.2) as mon:
                 times = P.time_steps(model, ids, n_steps=steps, warmup=1, recipe=recipe)
             st = sorted(times)[len(times) // 2]  # median
@@ -84,21 +76,21 @@ def run_recipe(label, cfg, recipe, batch_sizes, seq_len, steps, device, peak_she
             row.update(step_time_s=st, step_times_s=times, tokens_per_s=bs * seq_len / st, **m,
                        mfu_vs_measured_peak=m["tflops_per_s"] / peak_measured if peak_measured else None,
                        monitor=mon.summary())
-            if device.type == "cuda":
-                row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        except Exception as e:  # noqa: BLE001
+            if meter.cuda:
+                row["peak_allocated_gib"] = meter.read()["peak_allocated_gib"]
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is a result
             if not is_oom(e):
                 raise
-            row.update(status="oom", error=str(e).splitlines()[0][:200])
+            oom = str(e).splitlines()[0][:200]
+        if oom:
+            row.update(status="oom", error=oom)
         print(json.dumps({k: v for k, v in row.items() if k not in ("analytic", "fcm_by_op")}, default=str), flush=True)
         rows.append(row)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        ids = None
+        model.zero_grad(set_to_none=True)  # an out-of-memory step leaves its gradients
+        free_memory(device)
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return rows
 
 
@@ -111,7 +103,7 @@ def markdown(res) -> str:
     L = [f"# FLOPs per LoRA step: {res['model']} shape, random weights", "",
          f"- command: `{res['command']}`", f"- date: {res['date']}",
          f"- GPU: {res['gpu']['name']}, driver {res['gpu']['driver']}",
-         f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
+         "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
          f"- peak: data sheet {res['peak_sheet_tflops']} TFLOP/s (bf16 dense), measured {res['matmul_dtype']} matmul "
          f"{fmt(res['peak_measured_tflops'], 1, 3)} TFLOP/s (n={res['matmul_n']}); MFU divides by: {res['mfu_peak_used']}",
          "- FLOPs: analytic *model* FLOPs (frozen: fwd + input grad; LoRA: fwd + both grads; full s x s attention; "
@@ -151,13 +143,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per batch size (after 1 warm-up)")
-    ap.add_argument("--recipes", nargs="+", default=["fast", "fast+ckpt", "seed"])
+    ap.add_argument("--recipes", nargs="+", default=RECIPES, help="names in loralab.config.RECIPES")
     args = ap.parse_args(argv)
-    from loralab.model import preset_config
+    recipes = {name: get_recipe(name) for name in args.recipes}
 
     if args.smoke:
         cfg, model_name = preset_config("tiny"), "tiny"
-        device = torch.device("cpu")
+        device = resolve_device("cpu")
         bss, seq, n = args.batch_sizes or [1, 2, 4], args.seq_len or 32, 256
         args.steps = min(args.steps, 1)
     else:
@@ -165,13 +157,11 @@ def main(argv=None) -> int:
             print("no CUDA GPU here: use --smoke for the CPU check", file=sys.stderr)
             return 2
         cfg, model_name = preset_config("llama2-7b"), "llama2-7b"
-        device = torch.device("cuda")
+        device = resolve_device("cuda")
         bss, seq, n = args.batch_sizes or [1, 2, 4, 8], args.seq_len or 2048, 8192
     gpu = gpu_info()
     peak_sheet = F.device_peak_tflops(gpu["name"]) if device.type == "cuda" else None
     peak_measured = P.measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32, n=n)
-    recipes = {"fast": get_recipe("fast"), "fast+ckpt": get_recipe("fast").replace(gradient_checkpointing="full"),
-               "seed": get_recipe("seed")}
     rows = []
     t_all = time.perf_counter()
     for label in args.recipes:
@@ -188,7 +178,7 @@ def main(argv=None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     res = {"unit": "GFLOP" if args.smoke else "TFLOP", "matmul_dtype": "fp32" if device.type == "cpu" else "bf16",
            "model": model_name, "random_weights": True, "config": cfg.to_dict(), "command": " ".join(["python"] + sys.argv),
-           "date": now.isoformat(timespec="seconds"), "gpu": gpu, "versions": versions(),
+           "date": now.isoformat(timespec="seconds"), "gpu": gpu, "versions": versions(VERSIONS),
            "peak_sheet_tflops": peak_sheet, "peak_measured_tflops": peak_measured, "matmul_n": n,
            "mfu_peak_used": "data-sheet bf16 dense" if peak_sheet else "measured matmul (no data-sheet entry)",
            "rows": rows, "linearity": lin, "wall_s": time.perf_counter() - t_all}

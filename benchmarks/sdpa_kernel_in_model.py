@@ -3,8 +3,10 @@
     python benchmarks/sdpa_kernel_in_model.py --out benchmarks/results/    # GPU, ~2 min
     python benchmarks/sdpa_kernel_in_model.py --smoke --out /tmp/sdpa       # CPU, tiny model
 
-A 2-layer model in the Llama-2-7B shape (random weights), the ``fast`` recipe, batch 3 x 2048 tokens: 3
-warm-up steps, 5 timed, then one profiled step; lists the profiler's attention kernels (names holding
+A 2-layer model in the Llama-2-7B shape (random weights, ``model.build_random_model``), batch 3 x 2048
+tokens, the ``fast-eager-layers`` recipe (eager mode) or ``fast`` (compiled mode: fast compiles its decoder
+layers on CUDA; on a CPU, --smoke, it runs them eager too): 3 warm-up training steps, 5 timed, then one
+profiled step, all ``profilers.time_steps`` (``loralab.train.training_step``); lists the profiler's attention kernels (names holding
 flash / cudnn / fmha / efficient), SDPA's backend priority in the process, and, in eager mode, the
 q/k/v layout HF hands SDPA and whether cuDNN accepts it (``torch.backends.cuda.can_use_cudnn_attention``).
 Each mode runs in its own process (compile and Liger patches must not leak between them).
@@ -17,7 +19,6 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MODES = ("eager", "compiled")
@@ -28,14 +29,16 @@ def one(mode: str, smoke: bool) -> dict:
     import torch.nn.functional as F
 
     from loralab import fast as FAST
+    from loralab import profilers as P
     from loralab.config import get_recipe
-    from loralab.memory import preset_config
-    from loralab.profilers import build_lora_model
+    from loralab.device import resolve_device
+    from loralab.model import build_random_model
+    from loralab.shape import preset_config
 
-    dev = "cpu" if smoke else "cuda"
+    dev = resolve_device("cpu" if smoke else "cuda")
     cfg = preset_config("tiny" if smoke else "llama2-7b")
     cfg.num_hidden_layers = 2
-    rec = get_recipe("fast").replace(compile="on" if mode == "compiled" else "off", liger="off")
+    rec = get_recipe("fast" if mode == "compiled" else "fast-eager-layers")
     seen: dict = {}
     orig = F.scaled_dot_product_attention
 
@@ -53,29 +56,16 @@ def one(mode: str, smoke: bool) -> dict:
 
     if mode == "eager":
         F.scaled_dot_product_attention = spy
-    model = build_lora_model(cfg, rec, dev, seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (3, 64 if smoke else 2048), device=dev)
-    batch = {"input_ids": ids, "labels": ids}
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def step():
-        FAST.forward_loss(model, batch, rec).backward()
-
-    for _ in range(3):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        step()
-    sync()
-    ms = (time.perf_counter() - t0) / 5 * 1000
-    act = torch.profiler.ProfilerActivity.CUDA if dev == "cuda" else torch.profiler.ProfilerActivity.CPU
+    model = build_random_model(cfg, rec, dev, seed=0)
+    batch = P.random_batch(cfg.vocab_size, 3, 64 if smoke else 2048, dev)
+    times = P.time_steps(model, batch, n_steps=5, warmup=3, recipe=rec)
+    ms = sum(times) / len(times) * 1000
+    act = torch.profiler.ProfilerActivity.CUDA if dev.type == "cuda" else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[act]) as prof:
-        step()
-        sync()
+        P.time_steps(model, batch, n_steps=1, warmup=0, recipe=rec)
     keys = ("flash", "cudnn", "fmha", "efficient", "scaled_dot_product")
     kernels = [e.key[:120] for e in prof.key_averages() if any(s in e.key.lower() for s in keys)]
-    return {"mode": mode, "sdpa_order": FAST.sdpa_order(), "step_ms_2_layers": ms, "attention_kernels": kernels[:6],
+    return {"mode": mode, "recipe": rec.name, "sdpa_order": FAST.sdpa_order(), "step_ms_2_layers": ms, "attention_kernels": kernels[:6],
             "levers": model.loralab_levers, **seen}
 
 
@@ -107,7 +97,7 @@ def main(argv=None) -> int:
     L = [f"# Which attention kernel the fast recipe runs ({res['gpu']}, torch {res['torch']})", "",
          f"- command: `python benchmarks/{res['command']}`; date {res['date']}",
          "- 2 decoder layers in the Llama-2-7B shape, random weights, batch 3 x 2048 tokens", "",
-         "| mode | SDPA order | step ms (2 layers) | attention kernels | cuDNN accepts HF's q/k/v |", "| --- | --- | ---: | --- | --- |"]
+         "| mode | SDPA order | training step ms (2 layers) | attention kernels | cuDNN accepts HF's q/k/v |", "| --- | --- | ---: | --- | --- |"]
     for r in rows:
         if "error" in r:
             L.append(f"| {r['mode']} | error: {r['error'][-200:]!r} | | | |")

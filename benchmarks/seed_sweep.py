@@ -3,6 +3,7 @@
 
     python benchmarks/seed_sweep.py --tokenizer $LORALAB_LLAMA2_TOKENIZER --data $LORALAB_SAMSUM_DIR \\
         --batch-sizes 1 4 7 8 --gpu-memory-gib 40 --max-steps 6 [--attn sdpa] [--out benchmarks/results]
+    python benchmarks/seed_sweep.py --smoke --runs /tmp/runs --out /tmp/seed-smoke    # CPU, tiny model, ~1 min
 
 Runs ``run_all.py`` exactly as a user would (notebooks 00 01 02 03 06 by default), then writes
 ``seed_sweep_<attn>_<gpu>_<date>.json`` and ``.md`` under --out: the command, GPU, driver,
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from loralab import study  # noqa: E402
+from loralab.train import TrainResult  # noqa: E402
 
 
 def main() -> int:
@@ -41,14 +43,19 @@ def main() -> int:
     p.add_argument("--notebooks", nargs="+", default=["00", "01", "02", "03", "06"])
     p.add_argument("--runs", default=str(REPO / "outputs"), help="where run_all writes its run folder")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, built-in data, 2 steps: the same code path")
     a = p.parse_args()
+    device = "auto"
+    if a.smoke:
+        a.model, a.tokenizer, a.data, a.seq_len, a.batch_sizes = "tiny", "", "builtin", 128, ["1", "2"]
+        a.gpu_memory_gib, a.max_steps, a.notebooks, device = 0, 2, ["00", "03"], "cpu"
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_id = f"{stamp}-{a.recipe}-{a.attn}-bench"
     cmd = [sys.executable, "run_all.py", "--model", a.model, "--tokenizer", a.tokenizer, "--data", a.data,
            "--recipe", a.recipe, "--attn", a.attn, "--batch-sizes", *a.batch_sizes,
            *(["--gpu-memory-gib", str(a.gpu_memory_gib)] if a.gpu_memory_gib else []), "--max-steps", str(a.max_steps), "--seq-len", str(a.seq_len),
-           "--notebooks", *a.notebooks, "--out", a.runs, "--run-id", run_id]
+           "--notebooks", *a.notebooks, "--out", a.runs, "--run-id", run_id, "--device", device]
     print("+", shlex.join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=REPO)
     run_dir = Path(a.runs) / run_id
@@ -58,9 +65,9 @@ def main() -> int:
     rows = []
     for s in summary["sweep"]:
         bs = s["batch_size"]
-        tr = json.loads((run_dir / f"bs{bs}" / "train_result.json").read_text()) if (run_dir / f"bs{bs}" / "train_result.json").exists() else {}
-        rows.append({**s, "predicted_device_gib": tr.get("predicted_device_gib"),
-                     "steps_done": tr.get("steps_done"), "oom_memory": tr.get("oom_memory"),
+        tr = TrainResult.load(run_dir / f"bs{bs}")
+        rows.append({**s, "predicted_device_gib": tr and tr.predicted_device_gib,
+                     "steps_done": tr and tr.steps_done, "oom_memory": tr and tr.oom_memory,
                      "study_peak_gib": study.PEAK_MEMORY_GIB.get(bs, "-"),
                      "study_steps_per_epoch": study.STEPS_PER_EPOCH.get(bs),
                      "study_epoch_time_s": study.EPOCH_TIME_S.get(bs)})

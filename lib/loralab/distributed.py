@@ -288,8 +288,7 @@ def predict_peak_distributed(model_config, recipe: Recipe, batch_size: int, seq_
       the recomputed layer's gather in backward is the same 2 layers; the root (embeddings, LM head,
       norms) is all-gathered at full size and not resharded after forward (``_fsdp_state.py``: the
       root's ``post_forward_mesh_info = None``), so it is resident for the whole step, beside its shard.
-      Measured before this accounting (H200, 13B shape, W=2, bs 1): the older (W-1)/W terms
-      under-predicted by 6.7 %; see benchmarks/results/distributed_*.md.
+      Checked against two H200s: benchmarks/results/distributed_EFG_H200x2_20261130-0945.md.
     Returns a ``MemoryBreakdown`` (same ``total`` / ``reserved`` / ``allocated`` semantics).
     """
     from loralab.memory import predict_peak

@@ -173,7 +173,8 @@ def generate_summaries(
     up to EOS and, with ``stop_at_newline``, up to its first newline (SAMSum
     references are one paragraph: 818 of 819 test summaries have no newline).
     ``warmup``: one untimed 2-token ``generate`` on the first batch before the timed
-    ones (on an H200 the first call of a 7B model ran at a quarter of the later speed).
+    ones (the first call of a 7B model runs at a quarter of the later speed:
+    benchmarks/results/run_7b_fast_05_H200_20261130/README.md).
     The model is put in eval mode under ``torch.inference_mode`` and its
     training mode restored afterwards.
     """

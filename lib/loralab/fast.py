@@ -10,7 +10,8 @@ What each lever does, and why it is faster (T = tokens in the step, H hidden, V 
   the 7B shape, benchmarks/results/attention_kernels_H200_20261130-1231.md), else FlashAttention-2.
 * ``allocator = "expandable"`` (loralab.allocator): not a speed lever but a memory one: the
   reserved peak follows the allocated one (fast at batch 3 under 40 GiB: 32.4 GiB reserved instead
-  of 40.0), so larger batches fit and the memory model's prediction holds.
+  of 40.0, benchmarks/results/compare_H200_20261130-*.md), so larger batches fit and the memory model's
+  prediction holds.
 * ``lora_dropout = 0``: peft then uses ``nn.Identity`` instead of ``nn.Dropout``, so the LoRA
   path makes no dropped copy of its input (and no mask) per adapted module. Dropout on the
   adapter input is a regulariser, not part of the math being sped up; it is a quality knob
@@ -376,7 +377,7 @@ def configure_layers(model, *, compile: bool, checkpointing: str = "none", check
         # compile + full/selective: compile the checkpointed layer (checkpoint inside the compiled region,
         # as torchtitan orders them), not a checkpoint around the compiled layer: from outside, the
         # recompute reruns the whole compiled forward and selective's policy never sees the matmuls
-        # (H200 ablation: selective 13,834 tok/s = full 13,610). Offload's saved-tensor hooks stay outside.
+        # (benchmarks/results/ablation_H200_20261130-095517.md). Offload's saved-tensor hooks stay outside.
         ckpt_compiled = None
         if compile and use_ckpt is not None and checkpointing in ("full", "selective"):
             cache = getattr(layer, "_loralab_compiled_ckpt", None)
