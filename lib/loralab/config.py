@@ -170,6 +170,11 @@ _HF = _FAST.replace(name="hf-peft", lora_dropout=0.05, cross_entropy="hf", liger
 # the memory sweep's bf16 LoRA: fast's layers (compiled on CUDA, LoRA in bf16, no dropout) with HF's loss
 _LORA_BF16 = _FAST.replace(name="lora-bf16", cross_entropy="hf", liger="off",
                            about="bf16 LoRA with fast's layers and HF's loss (the memory sweeps)")
+# fast with a frozen FP8 base (loralab.fp8; FP8 tensor cores only: H100/H200/L40S/RTX 4090): every decoder linear in
+# e4m3 with rowwise scales, q/k/v and gate/up fused, W^T kept; LoRA and the LM head stay bf16
+_FP8 = _FAST.replace(name="fast8", fp8="rowwise", fp8_weight_t="copy", fp8_fused=True, fp8_shared_quant=True,
+                     fp8_lm_head=False, about="fast with a frozen FP8 (e4m3, rowwise) base: both GEMMs of every frozen "
+                                              "linear on FP8 tensor cores (H100/H200/L40S)")
 _SEED = Recipe(name="seed", quantization="int8",
                about="the study's recipe (llama-recipes 2023): int8 base, fp32 rest, no autocast, reentrant "
                      "checkpointing, eager attention, LoRA r8 on q/v, packed 2048")
@@ -221,11 +226,16 @@ RECIPES: dict[str, Recipe] = _registry(
                   about="fast with 8 layers' activations offloaded to CPU"),
     _FAST.replace(name="fast-doc-positions", doc_position_ids=True, about="fast with per-document positions"),
     _FAST.replace(name="fast-caching-allocator", allocator="caching", about="fast with PyTorch's caching allocator"),
-    # fast with a frozen FP8 base (loralab.fp8; FP8 tensor cores only: H100/H200/L40S/RTX 4090): every decoder
-    # linear in e4m3 with rowwise scales, q/k/v and gate/up fused, W^T kept; LoRA and the LM head stay bf16
-    _FAST.replace(name="fast8", fp8="rowwise", fp8_weight_t="copy", fp8_fused=True, fp8_shared_quant=True,
-                  fp8_lm_head=False, about="fast with a frozen FP8 (e4m3, rowwise) base: both GEMMs of every frozen "
-                                           "linear on FP8 tensor cores (H100/H200/L40S)"),
+    _FP8,
+    # the FP8 ablation: fast8 with one FP8 lever changed
+    _FP8.replace(name="fast8-tensorwise", fp8="tensorwise", about="fast8 with one scale per tensor"),
+    _FP8.replace(name="fast8-unfused-shared", fp8_fused=False, about="fast8 with separate q/k/v and gate/up GEMMs, "
+                                                                     "their input quantised once"),
+    _FP8.replace(name="fast8-unfused-per-gemm", fp8_fused=False, fp8_shared_quant=False,
+                 about="fast8 with separate GEMMs, each quantising its own input"),
+    _FP8.replace(name="fast8-per-step-wt", fp8_weight_t="per-step", about="fast8 transposing W in every backward "
+                                                                           "(no kept W^T: 6 GiB less at 7B)"),
+    _FP8.replace(name="fast8-lm-head", fp8_lm_head=True, about="fast8 with the LM head in FP8 too"),
     # what notebook 05 loads the base with to generate summaries (unquantized: merging an adapter into int8/nf4
     # weights would re-quantize them): bf16 on a GPU, fp32 on a CPU, SDPA
     _FAST.replace(name="generate-bf16", about="the base for generating summaries on a GPU (notebook 05)"),
