@@ -55,22 +55,67 @@ def preset_folder(name: str, home: Path | None = None) -> Path:
     return (home or loralab_home()) / "models" / f"{name}-{PRESET_VERSION}"
 
 
-def _loads(folder: Path) -> str | None:
-    """None when the folder's config and every weight load (on the meta device: the bytes are read, not
-    kept); else a one-line reason."""
+def load_problem(folder: Path) -> str | None:
+    """None when the folder's config and every weight file load (safetensors on the meta device: the header is
+    read and the data offsets are checked against the file size; a .bin's zip directory is read); else a
+    one-line reason naming the file. Cheap: no tensor is loaded."""
+    import zipfile
+
     from safetensors import safe_open
 
     try:
         model_config(str(folder))
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            return "no .safetensors weights"
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    sf.get_slice(k)[:1]  # reads the header and checks the data offsets against the file size
-    except Exception as e:  # noqa: BLE001 - any failure means "do not reuse"
-        return (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+    except Exception as e:  # noqa: BLE001 - any failure means "does not load"
+        return _first_line(e)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return "no weights (*.safetensors or *.bin)"
+    for index in folder.glob("*.index.json"):
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except Exception as e:  # noqa: BLE001
+            return f"{index.name}: {_first_line(e)}"
+        missing = sorted(n for n in listed if not (folder / n).is_file())
+        if missing:
+            return f"{missing[0]}: missing (listed in {index.name})"
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        sf.get_slice(k)[:1]
+            else:
+                with f.open("rb") as fh:
+                    zipped = fh.read(2) == b"PK"  # torch.save's zip format (a legacy pickle is not checked)
+                if zipped:
+                    zipfile.ZipFile(f).close()
+        except Exception as e:  # noqa: BLE001 - any failure means "do not use"
+            return f"{f.name}: {_first_line(e)} (truncated or corrupt?)"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+
+
+def cache_bytes_needed(model: str) -> tuple[Path, int] | None:
+    """(cache folder, bytes) that using ``model`` will write into the model cache first: a preset not built yet (or
+    whose cached copy no longer loads), or a Meta checkpoint not converted yet; None when nothing is to be written."""
+    from loralab.shape import param_count
+
+    if model in IN_MEMORY_PRESETS:
+        return None
+    if is_preset(model):
+        folder = preset_folder(model)
+        if (folder / PRESET_MARKER).exists() and load_problem(folder) is None:
+            return None
+        return folder.parent, param_count(preset_config(model)) * (4 if model == "tiny" else 2)
+    p = Path(model).expanduser()
+    if (p / "config.json").is_file():
+        return None
+    meta = sorted(p.glob("consolidated.*.pth"))
+    if meta and not (_converted_folder(p) / "config.json").exists():
+        return loralab_home() / "models", sum(f.stat().st_size for f in meta)
     return None
 
 
@@ -81,7 +126,7 @@ def materialize_preset(name: str, home: Path | None = None, progress=print) -> P
     cfg = preset_config(name)
     folder = preset_folder(name, home)
     if (folder / PRESET_MARKER).exists():
-        why = _loads(folder)
+        why = load_problem(folder)
         if why is None:
             return folder
         progress(f"cached preset {folder} does not load ({why}): rebuilding it")
@@ -111,7 +156,7 @@ def materialize_preset(name: str, home: Path | None = None, progress=print) -> P
             torch.set_default_dtype(prev)
         model.save_pretrained(tmp, max_shard_size="2GB")
         del model
-        why = _loads(tmp)
+        why = load_problem(tmp)
         if why is not None:
             raise ConfigError(f"model preset {name!r}: the folder just built does not load ({why}); is {folder.parent} full?")
         (tmp / PRESET_MARKER).write_text(json.dumps({"complete": True, "preset": name}))
@@ -125,14 +170,18 @@ def materialize_preset(name: str, home: Path | None = None, progress=print) -> P
     return folder
 
 
-def converted_meta_folder(meta_dir: Path, progress=print) -> Path:
-    """A Meta checkpoint converted once to an HF folder under LORALAB_HOME/models (then reused)."""
+def _converted_folder(meta_dir: Path) -> Path:
     import hashlib
 
+    key = hashlib.sha1(str(meta_dir.resolve()).encode()).hexdigest()[:10]
+    return loralab_home() / "models" / f"meta-{meta_dir.resolve().name}-{key}"
+
+
+def converted_meta_folder(meta_dir: Path, progress=print) -> Path:
+    """A Meta checkpoint converted once to an HF folder under LORALAB_HOME/models (then reused)."""
     from loralab.convert import convert_meta_checkpoint
 
-    key = hashlib.sha1(str(meta_dir.resolve()).encode()).hexdigest()[:10]
-    out = loralab_home() / "models" / f"meta-{meta_dir.resolve().name}-{key}"
+    out = _converted_folder(meta_dir)
     if (out / "config.json").exists():
         return out
     progress(f"converting Meta checkpoint {meta_dir} -> {out} (once)")
