@@ -2,6 +2,11 @@
 
 import warnings
 
+from loralab import lifecycle as _lifecycle
+
+# A kernel (or other child) started by run_all.py dies with it, even when the runner is killed with SIGKILL.
+_lifecycle.arm_from_env()
+
 # Reports are read by people: keep library chatter that says nothing about the run out of them.
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a kernel without widgets
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.* is deprecated")

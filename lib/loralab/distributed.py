@@ -388,13 +388,41 @@ def merge_rank_records(out_dir: Path, cfg: RunConfig):
                                     for i in range(cfg.world_size)])
 
 
+STOP_GRACE_S = 30.0
+"""How long the ranks get to finish their step and checkpoint after SIGTERM before they are killed."""
+
+
+def stop_torchrun(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to torchrun's agent, which passes it to every worker (each finishes its step, checkpoints and
+    exits); up to ``grace_s`` for that (a KeyboardInterrupt while waiting: no more waiting); then SIGKILL to
+    whatever is left of the tree, workers included (they run in sessions of their own)."""
+    import signal
+
+    from loralab.lifecycle import descendants, end_tree, signal_all
+
+    tree = descendants(proc.pid)
+    if grace_s > 0:
+        signal_all([proc], signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+    tree = tree + descendants(proc.pid)
+    signal_all([proc], signal.SIGKILL)
+    end_tree(tree, grace_s=0, first=signal.SIGKILL)
+    proc.wait()
+
+
 def launch(cfg: RunConfig, out_dir: Path, progress=print, extra: list[str] | None = None, env: dict | None = None,
            timeout_s: float | None = None):
     """Train ``cfg`` (one batch size) under torchrun: every rank runs ``loralab.train.train_on_rank``.
-    Returns this node's ``TrainResult`` (merged from the rank records when a rank died alone)."""
+    Returns this node's ``TrainResult`` (merged from the rank records when a rank died alone). On KeyboardInterrupt
+    (the kernel was interrupted) or any other exception the ranks get SIGTERM and ``STOP_GRACE_S`` to checkpoint,
+    then are killed (``stop_torchrun``); if this process dies, torchrun gets SIGTERM (PR_SET_PDEATHSIG)."""
     import signal
     import threading
 
+    from loralab.lifecycle import preexec_die_with_parent
     from loralab.train import TrainResult
 
     out_dir = Path(out_dir)
@@ -404,9 +432,10 @@ def launch(cfg: RunConfig, out_dir: Path, progress=print, extra: list[str] | Non
     e = {**os.environ, **(env or {})}
     e.setdefault("OMP_NUM_THREADS", "1")
     with (out_dir / "torchrun.log").open("w") as logf:
-        # own session: on a timeout the whole tree (torchrun and its workers) is ended by its group id
+        # own session (a terminal's Ctrl-C reaches the kernel, not the ranks mid-collective); torchrun gets SIGTERM
+        # when this process ends, however it ends, and its agent stops its workers (which checkpoint)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec_die_with_parent(signal.SIGTERM))
 
         def pump():
             for line in proc.stdout:
@@ -420,10 +449,14 @@ def launch(cfg: RunConfig, out_dir: Path, progress=print, extra: list[str] | Non
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+            stop_torchrun(proc, grace_s=0)
+            rc = proc.returncode
             logf.write(f"[loralab] launch killed after {timeout_s} s\n")
-        reader.join(timeout=10)
+        except BaseException:  # KeyboardInterrupt (the kernel was interrupted) or anything else: the ranks stop too
+            stop_torchrun(proc)
+            raise
+        finally:
+            reader.join(timeout=10)
     res = TrainResult.load(out_dir) if cfg.node_rank == 0 else None
     if res is None:
         res = merge_rank_records(out_dir, cfg)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 from loralab import distributed as D
 from loralab.config import RunConfig
+from loralab.lifecycle import die_with_parent
 from loralab.train import train_on_rank
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent(signal.SIGTERM)  # torchrun's agent gone (even by SIGKILL): checkpoint after the step and stop
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-json", required=True, help="RunConfig.to_dict() as JSON (or @file)")
     p.add_argument("--out-dir", required=True)
