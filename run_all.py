@@ -6,8 +6,14 @@
         --recipe seed --batch-sizes 1 4 7 8 --gpu-memory-gib 40 --max-steps 8
 
 Every run writes a new folder outputs/<run-id>/ with each executed notebook (.ipynb and
-.html), index.html linking them, and summary.json. Bad input exits with code 2 and one
-line naming the input; no run folder is made.
+.html), index.html linking them, summary.json, run_status.json and progress.log. Exit status:
+0 every notebook succeeded; 1 the run failed (a notebook, a diverged training, a full disk;
+one line on stderr says which); 2 bad input, one line naming it, no run folder made; 130 / 143
+interrupted by Ctrl-C / SIGTERM: the training checkpoints and stops, and
+
+    python run_all.py --resume outputs/<run-id>
+
+continues the run in its folder (completed notebooks kept, the training from its checkpoint).
 
 Each flag sets the RunConfig field of the same name (loralab/config.py documents them all).
 """
@@ -73,28 +79,58 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scaling-reference", default="", metavar="RUN_DIR",
                    help="an earlier run folder of the same model, recipe and sequence length on fewer GPUs: "
                         "the report adds a scaling plot and table (tokens/s, speed-up, efficiency per batch size)")
+    p.add_argument("--checkpoint-every-min", type=float, default=None,
+                   help="save a training checkpoint every N minutes of training (default 10; 0: only at the end)")
     p.add_argument("--out", default="outputs", help="parent folder of run folders")
     p.add_argument("--run-id", default="", help="run folder name (default: time-model-recipe-suffix); never reused")
+    p.add_argument("--resume", default="", metavar="RUN_DIR",
+                   help="continue an interrupted or failed run in its own folder with its own options (run_config.json): "
+                        "completed notebooks are kept, a training continues from its last checkpoint")
     return p
 
 
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
     """The run's RunConfig from the command line: each flag is the RunConfig field of the same name."""
     options = vars(parser().parse_args(argv))
+    options.pop("resume")
     options["batch_sizes"] = batch_sizes(options["batch_sizes"])
     return RunConfig.from_options(**options)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = config_from_args(argv)
-        from loralab.runner import run_sweep
+def resume_dir(argv: list[str] | None = None) -> str:
+    """--resume RUN_DIR's folder ("" without it); it takes no other option (the run keeps its own)."""
+    ns, defaults = vars(parser().parse_args(argv)), vars(parser().parse_args([]))
+    others = sorted(f"--{k.replace('_', '-')}" for k, v in ns.items() if k != "resume" and v != defaults[k])
+    if ns["resume"] and others:
+        raise ConfigError(f"--resume takes no other option (the run keeps the options in its run_config.json); "
+                          f"got {' '.join(others)}")
+    return ns["resume"]
 
-        run_sweep(cfg)
-    except ConfigError as e:
-        print(f"run_all.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every notebook succeeded; 1 the run failed (a notebook, a training that diverged, a full disk);
+    2 bad input, no run folder made; 130 / 143 interrupted by SIGINT / SIGTERM (``--resume`` continues it).
+    Whatever ends a run early ends with one line on stderr."""
+    from loralab.lifecycle import Interrupted, StopOnSignal
+
+    with StopOnSignal() as stop:
+        try:
+            from loralab import runner
+
+            run = resume_dir(argv)
+            result = runner.resume_sweep(run, stop=stop) if run else runner.run_sweep(config_from_args(argv), stop=stop)
+        except ConfigError as e:
+            print(f"run_all.py: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # before a run folder exists (e.g. a cache that cannot be written)
+            print(f"run_all.py: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(f"run_all.py: interrupted ({e}) before the run started; no run folder was made", file=sys.stderr)
+            return stop.exit_code
+    if result.message:
+        print(f"run_all.py: {result.message}", file=sys.stderr)
+    return result.exit_code
 
 
 if __name__ == "__main__":
