@@ -114,20 +114,32 @@ def test_whole_sweep_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_notebook_still_gets_html_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    """bs 100000 cannot train on the built-in set: its notebook fails, shows the error, and bs 1 still runs."""
+def test_failed_and_diverged_runs_exit_1_with_a_one_line_summary(tmp_path, monkeypatch, capsys):
+    """bs 100000 cannot train on the built-in set: its notebook fails and shows the error; bs 2 with a learning rate
+    of 1e12 reaches a NaN loss (its notebook completes and reports it); the sweep goes on, the run "failed", exit 1."""
+    from loralab.config import get_recipe
+
     monkeypatch.setattr(runner, "check_data", lambda cfg, splits: None)  # it would refuse bs 100000 up front
     out = tmp_path / "outputs"
-    rc = run_all.main(["--batch-sizes", "100000", "1", "--max-steps", "1", "--seq-len", "128",
-                       "--notebooks", "00", "03", "06", "--out", str(out), "--run-id", "fail"])
-    assert rc == 0
+    argv = ["--batch-sizes", "100000", "2", "--max-steps", "20", "--seq-len", "128", "--notebooks", "03",
+            "--out", str(out), "--run-id", "fail"]
+    cfg = run_all.config_from_args(argv)
+    cfg.recipe = get_recipe("demo").replace(learning_rate=1e12)  # the whole recipe reaches the kernel in `config`
+    monkeypatch.setattr(run_all, "config_from_args", lambda argv: cfg)
+    assert run_all.main(argv) == 1
     run = out / "fail"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("run_all.py: 2 of 2 notebooks failed: 03_training bs100000 (error: ConfigError: batch_size=100000")
+    assert "03_training bs2 (diverged at step 3)" in err and err.strip().endswith(f"report: {run / 'index.html'}")
     s = json.loads((run / "summary.json").read_text())
     failed = [n for n in s["notebooks"] if n["tag"] == "bs100000"][0]
     assert failed["status"] == "error" and "batch_size=100000" in failed["error"]
     assert "batch_size=100000" in (run / "03_training_bs100000.html").read_text()
-    assert [r["status"] for r in s["sweep"]] == ["error", "ok"]
-    assert (run / "06_report.html").exists()
+    assert [r["status"] for r in s["sweep"]] == ["error", "diverged"]
+    status = json.loads((run / "run_status.json").read_text())
+    assert s["status"] == status["status"] == "failed" and s["failed"] == status["failed"] == 2
+    assert "<b>Failed</b>: 2 of 2 notebooks failed" in (run / "index.html").read_text()
 
 
 def test_auto_batch_needs_a_gpu(tmp_path, capsys, monkeypatch):
