@@ -283,8 +283,11 @@ def test_sigint_stops_within_seconds_and_resume_finishes_the_run(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_runner_alone_stops_the_training_with_a_checkpoint(tmp_path):
-    proc, run = start(tmp_path, "term", ["--notebooks", "03", *TRAIN, "--max-steps", "300"])
+def test_sigterm_to_the_runner_alone_stops_the_ranks_with_a_checkpoint(tmp_path):
+    """SIGTERM (Slurm, Kubernetes, timeout) reaches the runner only: it interrupts the kernel (as for SIGINT, tested
+    above with one process); under torchrun launch() passes SIGTERM to the ranks, which checkpoint after their step."""
+    ranks = ["--nproc", "2", "--master-port", str(free_port())]
+    proc, run = start(tmp_path, "term", ["--notebooks", "03", *TRAIN, "--max-steps", "300", *ranks])
     wait_for_steps(proc, run / "bs2", 3)
     tree = psutil.Process(proc.pid).children(recursive=True)
     t0 = time.monotonic()
@@ -295,7 +298,7 @@ def test_sigterm_to_the_runner_alone_stops_the_training_with_a_checkpoint(tmp_pa
     assert_nothing_left(tree, run)
     assert read(run, "run_status.json")["status"] == read(run, "summary.json")["status"] == "interrupted"
     tr = TrainResult.load(run / "bs2")
-    assert tr.status == "interrupted" and checkpoint.latest(run / "bs2") is not None
+    assert tr.status == "interrupted" and checkpoint.latest(run / "bs2").name == f"step-{tr.steps_done:06d}"
     assert "interrupted" in (run / "index.html").read_text()
 
 
@@ -304,7 +307,7 @@ def test_sigterm_to_the_runner_alone_stops_the_training_with_a_checkpoint(tmp_pa
 def test_sigkill_of_the_runner_leaves_no_process_and_resume_accepts_the_dead_run(tmp_path, nproc):
     ranks = ["--nproc", "2", "--master-port", str(free_port())] if nproc == 2 else []
     proc, run = start(tmp_path, "kill", ["--notebooks", "03", *TRAIN, "--max-steps", "40",
-                                         "--checkpoint-every-min", "0.002", *ranks])
+                                         "--checkpoint-every-min", "0.01", *ranks])
     wait_for_steps(proc, run / "bs2", 3, checkpointed=True)
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert len(tree) >= (4 if nproc == 2 else 1)  # kernel (+ torchrun and its two workers)

@@ -796,9 +796,10 @@ def _run_plan(cfg: RunConfig, log, stop: StopOnSignal, run_dir: Path, status: St
             raise
         stopped_because = f"cannot write in the run folder {run_dir}: the run stopped ({_short_error(e)})"
     except BaseException as e:  # --batch-sizes auto found nothing that fits, or a bug: the folder says it failed
-        with contextlib.suppress(OSError):
-            status.update(status="failed", error=_short_error(e))
-        raise
+        if not (isinstance(e, ConfigError) and stop.signum is not None):  # (else: interrupted while choosing)
+            with contextlib.suppress(OSError):
+                status.update(status="failed", error=_short_error(e))
+            raise
     elapsed = before_s + time.perf_counter() - t_start
     state = _final_state(plan, labels, records, stop, stopped_because)
     _finish(run_dir, cfg, known(), status, state, elapsed)
@@ -814,7 +815,7 @@ def _final_state(plan: list, labels: list[str], records: list[dict], stop: StopO
     not_run = [l for l in labels if l not in done]
     failures = [f"{r['label']} ({r['failure']})" for r in records if r.get("failure")]
     stopped = [r["label"] for r in records if r["status"] == "interrupted"]
-    interrupted = stop.signum is not None and bool(not_run or stopped)
+    interrupted = stop.signum is not None and bool(not plan or not_run or stopped)
     st = "interrupted" if interrupted else ("failed" if failures or stopped_because else "complete")
     out = {"status": st, "planned": len(plan), "failures": failures, "failed": len(failures), "not_run": not_run,
            "interrupted": stopped, "plan": labels}
