@@ -323,6 +323,20 @@ def test_sigkill_of_the_runner_leaves_no_process_and_resume_accepts_the_dead_run
     assert read(run, "run_status.json")["status"] == "complete"
 
 
+@pytest.mark.slow
+def test_a_kernel_killed_mid_training_fails_the_run(tmp_path):
+    proc, run = start(tmp_path, "dead", ["--notebooks", "03", *TRAIN, "--max-steps", "300"])
+    wait_for_steps(proc, run / "bs2", 3)
+    kernel = [p for p in psutil.Process(proc.pid).children() if "ipykernel" in " ".join(p.cmdline())]
+    assert len(kernel) == 1
+    kernel[0].kill()
+    assert proc.wait(timeout=120) == 1
+    err = one_line((tmp_path / "dead.err").read_text())
+    assert err.startswith("run_all.py: 1 of 1 notebooks failed: 03_training bs2 (error: DeadKernelError: Kernel died)")
+    assert read(run, "run_status.json")["status"] == read(run, "summary.json")["status"] == "failed"
+    assert not [f for f in left_files(run) if f.endswith(".ipynb")]  # no notebook that stops short without saying why
+
+
 # --- concurrency ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_sweeps_started_in_the_same_second_both_run(tmp_path):

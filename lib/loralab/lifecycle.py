@@ -76,14 +76,37 @@ def arm_from_env() -> None:
 
 
 # --- process trees ------------------------------------------------------------------------------
-def descendants(pid: int | None = None) -> list:
-    """Every living descendant of ``pid`` (default: this process), children first."""
+def children(pid: int | None = None, since: float | None = None) -> list:
+    """The living children of ``pid`` (default: this process); with ``since`` (a ``time.time()``), only those started
+    at or after it (what a sweep started, not what its caller had running before)."""
     import psutil
 
     try:
-        return psutil.Process(pid or os.getpid()).children(recursive=True)
+        kids = psutil.Process(pid or os.getpid()).children()
     except psutil.Error:
         return []
+    out = []
+    for c in kids:
+        try:
+            if since is None or c.create_time() >= since - 0.05:
+                out.append(c)
+        except psutil.Error:
+            pass
+    return out
+
+
+def descendants(pid: int | None = None, since: float | None = None) -> list:
+    """Every living descendant of ``pid`` (default: this process), children first; with ``since``, only the
+    children started at or after it and all of their descendants."""
+    import psutil
+
+    out = []
+    for c in children(pid, since):
+        try:
+            out += [c] + c.children(recursive=True)
+        except psutil.Error:
+            pass
+    return out
 
 
 def signal_all(procs: list, sig: int) -> None:
@@ -197,15 +220,16 @@ class Interrupted(BaseException):
 class StopOnSignal:
     """SIGINT / SIGTERM to the runner, as a request to stop in order.
 
-    Before ``running()`` a signal raises ``Interrupted``. After it, the first signal sends SIGINT once to this
-    process's children (a kernel runs in its own session, so a terminal's Ctrl-C never reaches it; a training
+    Before ``running()`` a signal raises ``Interrupted``. After it, the first signal sends SIGINT once to the
+    children this process started since (a kernel runs in its own session, so a terminal's Ctrl-C never reaches it; a training
     loop in it finishes its step, checkpoints and stops) and starts a deadline: after ``grace_s`` seconds, or at
-    a second signal, every descendant is killed. If the main thread has not called ``finished()`` some seconds
+    a second signal, all of their descendants are killed. If the main thread has not called ``finished()`` some seconds
     after that, ``on_stuck()`` runs (it ends the process). ``signum``: the first signal, or None."""
 
     def __init__(self, grace_s: float = 30.0, on_stuck=None):
         self.grace_s, self.on_stuck = grace_s, on_stuck
         self.signum: int | None = None
+        self.since: float | None = None  # children started from then on are the run's
         self._running = False
         self._saved: dict = {}
         self._finished = threading.Event()
@@ -222,7 +246,7 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
     def running(self) -> None:
-        self._running = True
+        self._running, self.since = True, time.time()
 
     def finished(self) -> None:
         self._finished.set()
@@ -238,9 +262,7 @@ class StopOnSignal:
         self.signum = signum
         if not self._running:
             raise Interrupted(signum)
-        import psutil
-
-        signal_all(psutil.Process().children(), signal.SIGINT)
+        signal_all(children(since=self.since), signal.SIGINT)
         threading.Thread(target=self._deadline, name="loralab-stop-deadline", daemon=True).start()
 
     def _deadline(self) -> None:
@@ -251,4 +273,4 @@ class StopOnSignal:
             self.on_stuck()
 
     def kill_now(self) -> None:
-        signal_all(descendants(), signal.SIGKILL)
+        signal_all(descendants(since=self.since), signal.SIGKILL)

@@ -731,7 +731,7 @@ def _sweep(cfg: RunConfig, log, stop: StopOnSignal, run_dir: Path | None = None,
         return _run_plan(cfg, log, stop, run_dir, status, previous)
     finally:
         status.stop_heartbeat()
-        end_tree(descendants(), grace_s=5)  # nothing of the run outlives it
+        end_tree(descendants(since=stop.since), grace_s=5)  # nothing the run started outlives it
         stop.finished()
 
 
