@@ -79,8 +79,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scaling-reference", default="", metavar="RUN_DIR",
                    help="an earlier run folder of the same model, recipe and sequence length on fewer GPUs: "
                         "the report adds a scaling plot and table (tokens/s, speed-up, efficiency per batch size)")
-    p.add_argument("--checkpoint-every-min", type=float, default=None,
-                   help="save a training checkpoint every N minutes of training (default 10; 0: only at the end)")
     p.add_argument("--out", default="outputs", help="parent folder of run folders")
     p.add_argument("--run-id", default="", help="run folder name (default: time-model-recipe-suffix); never reused")
     p.add_argument("--resume", default="", metavar="RUN_DIR",
