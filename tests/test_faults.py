@@ -199,6 +199,19 @@ def test_a_dead_runner_is_told_from_a_live_one():
     assert lifecycle.still_alive({**other, "status": "interrupted", "heartbeat": time.time()}) is None
 
 
+def test_the_status_file_carries_pid_host_and_a_live_heartbeat(tmp_path):
+    st = lifecycle.StatusFile(tmp_path / "run_status.json", status="running")
+    st.update()
+    first = read(tmp_path, "run_status.json")
+    assert first["pid"] == os.getpid() and first["host"] == socket.gethostname() and first["status"] == "running"
+    st.start_heartbeat(interval_s=0.05)
+    time.sleep(0.3)
+    st.stop_heartbeat()
+    assert read(tmp_path, "run_status.json")["heartbeat"] > first["heartbeat"]
+    assert lifecycle.still_alive(first)  # this process wrote it and is running
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # --- a full disk during a run: one line, exit 1, nothing half-written -------------------------------
 def left_files(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir())

@@ -29,7 +29,7 @@ def no_columns(tmp_path):
     (["--model", "no/such/model"], "model 'no/such/model': not a preset"),
     (["--data", "no/such/data"], "data 'no/such/data': no such file or folder"),
     (["--tokenizer", "no/such/tok"], "tokenizer 'no/such/tok': no such file or folder"),
-    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast, qlora, demo"),
+    (["--recipe", "turbo"], "recipe='turbo': expected one of seed, fast"),
     (["--attn", "flash"], "attn='flash': expected one of eager, sdpa"),
     (["--batch-sizes", "4", "0"], "--batch-sizes 0: expected integers >= 1"),
     (["--batch-sizes", "four"], "--batch-sizes 'four': expected integers >= 1"),
