@@ -198,7 +198,9 @@ class LayerBench:
     def __init__(self, cfg, dev, seq, args):
         self.cfg, self.dev, self.seq, self.args = cfg, dev, seq, args
         self.timer = Timer(dev)
-        rec = get_recipe("fast").replace(compile="off")  # compiled below, per variant, after the FP8 swap
+        # compiled below, per variant, after the FP8 swap; Liger off: with compile "off" fast's liger="auto" would
+        # patch Liger's RMSNorm/SwiGLU in, which dynamo cannot trace (every compiled variant then fell back to eager)
+        rec = get_recipe("fast").replace(compile="off", liger="off")
         self.model = build_random_model(cfg, rec, torch.device(dev) if isinstance(dev, str) else dev, seed=0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # LoRA B starts at 0 (A would get no gradient): give it values
