@@ -251,7 +251,7 @@ def test_decoding_settings_are_greedy():
 
 @pytest.mark.slow
 def test_notebook_05_runs_end_to_end(tmp_path):
-    """Notebook 05 on the tiny preset with a (random, non-zero) adapter, as the random-weights report."""
+    """Notebook 05 on the tiny preset with a (random, non-zero) adapter: the random-base note, speed, adapter life."""
     import subprocess
     import sys
 
@@ -279,9 +279,9 @@ def test_notebook_05_runs_end_to_end(tmp_path):
     subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "-o", str(nb_in), str(src)], check=True,
                    capture_output=True)
     subprocess.run([sys.executable, "-m", "papermill", "-k", "python3", str(nb_in), str(nb_out),
-                    "-p", "adapter_dir", str(tmp_path / "adapter"), "-p", "n_examples", "4",
+                    "-p", "adapter_dir", str(tmp_path / "adapter"), "-p", "eval_examples", "4",
                     "-p", "show_examples", "2", "-p", "max_new_tokens", "8", "-p", "batch_size", "2",
-                    "-p", "random_weights", "True", "-p", "export_dir", str(tmp_path / "merged")],
+                    "-p", "export_dir", str(tmp_path / "merged"), "-p", "run_dir", str(tmp_path / "run")],
                    check=True, capture_output=True, cwd=tmp_path)
     nb = nbformat.read(nb_out, as_version=4)
     text = ""
@@ -289,7 +289,8 @@ def test_notebook_05_runs_end_to_end(tmp_path):
         for o in cell.get("outputs", []):
             assert o.get("output_type") != "error", o.get("evalue")
             text += o.get("text", "") + "".join(str(v) for v in o.get("data", {}).values())
-    assert "Random weights" in text and "meaningless" in text
+    assert "random weights" in text and "noise by construction" in text  # the tiny preset's base is random
+    assert json.loads((tmp_path / "run" / "results" / "eval.json").read_text())["n"] == 4
     assert "tok/s" in text and "peak memory (GiB)" in text
     assert "adapter life" in text
     assert (tmp_path / "merged" / "config.json").is_file()

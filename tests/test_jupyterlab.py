@@ -101,12 +101,12 @@ class Lab:
                          ("JUPYTERLAB_SETTINGS_DIR", "jupyter/lab-user-settings"),
                          ("JUPYTERLAB_WORKSPACES_DIR", "jupyter/lab-workspaces"), ("IPYTHONDIR", "ipython"),
                          ("XDG_CONFIG_HOME", "xdg/config"), ("XDG_DATA_HOME", "xdg/data"),
-                         ("XDG_CACHE_HOME", "xdg/cache")]:
+                         ("XDG_CACHE_HOME", "xdg/cache"), ("LORALAB_OUTPUTS", "outputs")]:
             (base / sub).mkdir(parents=True, exist_ok=True)
             env[var] = str(base / sub)
         env.pop("JUPYTER_PATH", None)
         env.pop("JUPYTER_CONFIG_PATH", None)
-        self.env = env
+        self.env = env  # the notebooks write their outputs under LORALAB_OUTPUTS, not the repository's outputs/
         self.proc = None
         for _ in range(3):  # a free port can be taken between asking and binding: try another
             self.port = free_port()
@@ -459,7 +459,7 @@ def report_01(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # the kernel's connection file and profile: not in the user's home
         mp.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
         mp.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
-        record = execute("01", run_dir, {})
+        record = execute("01", run_dir, {"run_dir": str(run_dir)})
     assert record["status"] == "ok", record
     return run_dir
 

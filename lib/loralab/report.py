@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -39,10 +40,12 @@ def notebook_config(config: dict, **params) -> RunConfig:
 
 
 def notebook_run_dir(run_dir: str, notebook: str) -> Path:
-    """Where the notebook writes: run_all.py's run folder, else a new folder it names under outputs/notebooks/."""
+    """Where the notebook writes: run_all.py's run folder, else a new folder it names under outputs/notebooks/
+    ($LORALAB_OUTPUTS/notebooks/ when set)."""
     if run_dir:
         return Path(run_dir)
-    d = REPO / "outputs" / "notebooks" / f"{notebook}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    root = Path(os.environ.get("LORALAB_OUTPUTS", REPO / "outputs"))
+    d = root / "notebooks" / f"{notebook}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     d.mkdir(parents=True, exist_ok=True)
     print(f"outputs of this notebook: {d}")
     return d
