@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,11 +440,10 @@ class RunConfig:
 
     def save(self, path: Path) -> Path:
         """Write ``to_dict`` as JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        from loralab.files import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_dict())
+        return Path(path)
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":

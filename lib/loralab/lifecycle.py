@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from loralab.files import write_json_atomic
+
 PR_SET_PDEATHSIG = 1
 RUNNER_ENV = "LORALAB_RUNNER_PID"
 HEARTBEAT_S = 10.0
@@ -131,21 +133,6 @@ def end_tree(procs: list, grace_s: float = 5.0, first: int = signal.SIGTERM) -> 
 
 
 # --- the status file ----------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old content or all of ``text``: written to ``path.tmp``, then renamed; the tmp
-    file is removed when the write fails (a full disk leaves no half-written file behind)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def _started(pid: int) -> float | None:

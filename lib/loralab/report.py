@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from loralab.config import RunConfig
+from loralab.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,7 +115,7 @@ def config_table(cfg: RunConfig) -> pd.DataFrame:
 def write_json(run_dir: str | Path, relpath: str, obj) -> Path:
     p = Path(run_dir) / relpath
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=1, default=str))
+    write_json_atomic(p, obj)
     return p
 
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loralab.config import ConfigError, RunConfig
-from loralab.lifecycle import (RUNNER_ENV, StatusFile, StopOnSignal, descendants, end_tree, still_alive,
-                               write_json_atomic, write_text_atomic)
+from loralab.files import write_json_atomic, write_text_atomic
+from loralab.lifecycle import RUNNER_ENV, StatusFile, StopOnSignal, descendants, end_tree, still_alive
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"

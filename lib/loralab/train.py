@@ -36,6 +36,7 @@ from loralab import distributed as D
 from loralab.config import ConfigError, RunConfig
 from loralab.device import GIB, MemoryMeter, free_memory, is_oom, sync
 from loralab.fast import IGNORE_INDEX
+from loralab.files import write_json_atomic
 
 RESULT_FILE = "train_result.json"
 
@@ -94,9 +95,7 @@ class TrainResult:
     def save(self, out_dir: Path) -> Path:
         """Write ``train_result.json`` in ``out_dir`` atomically (no half-written result ever looks complete)."""
         path = Path(out_dir) / RESULT_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
         return path
 
     @classmethod
