@@ -16,7 +16,6 @@ status file whose pid, host and heartbeat tell a live run from a dead one.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import socket
