@@ -444,7 +444,7 @@ def apply_levers(model, recipe, device: torch.device | None = None) -> dict[str,
         lv["liger"] = "off" if recipe.liger == "off" else (
             "off (torch.compile fuses these ops)" if (recipe.liger == "auto" and use_compile) else f"off: {l_why}")
 
-    if getattr(recipe, "fp8", "off") != "off":  # after Liger: the FP8 MLP forward replaces its SwiGLU one
+    if recipe.fp8 != "off":  # after Liger: the FP8 MLP forward replaces its SwiGLU one
         from loralab.fp8 import apply_fp8
         lv["fp8"] = apply_fp8(model, recipe, device)
     else:
