@@ -163,7 +163,7 @@ side = pd.DataFrame(rows)
 side.insert(0, "ROUGE-L base", [round(s["rougeL"], 3) for s in base_scores[:show_examples]])
 if ft_scores is not None:
     side.insert(1, "ROUGE-L fine-tuned", [round(s["rougeL"], 3) for s in ft_scores[:show_examples]])
-display(side.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"}))
+display(side.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"}).hide(axis="index"))
 
 # %% [markdown]
 # ## ROUGE
