@@ -211,11 +211,29 @@ def resolve_tokenizer_path(cfg: RunConfig, model_folder: Path | None) -> Path:
                       f"file or folder, e.g. Meta's Llama 2 tokenizer.model)")
 
 
+def tokenizer_path_for(cfg: RunConfig, progress=print) -> Path:
+    """Where the run's tokenizer is, found without building a preset or converting a checkpoint (only the tiny
+    preset, seconds on CPU, is built for it): --tokenizer, else the model's own."""
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer).expanduser()
+    if cfg.model == "tiny":
+        return materialize_preset("tiny", progress=progress)  # its tokenizer is built with it
+    if is_preset(cfg.model):
+        raise ConfigError(f"tokenizer: the {cfg.model} preset has no tokenizer; pass --tokenizer with a Llama 2 "
+                          f"tokenizer.model (vocab 32000)")
+    folder = Path(cfg.model).expanduser()
+    if (folder / "config.json").is_file():
+        return resolve_tokenizer_path(cfg, folder)
+    from loralab.convert import _find_tokenizer
+
+    return _find_tokenizer(folder)  # a Meta checkpoint's tokenizer.model, the file its conversion copies
+
+
 def load_tokenizer_for(cfg: RunConfig, progress=print):
-    """The run's tokenizer: --tokenizer, else the model folder's own."""
+    """The run's tokenizer: --tokenizer, else the model's own."""
     from loralab.tokenizer import load_tokenizer
 
-    return load_tokenizer(resolve_tokenizer_path(cfg, resolve_model_folder(cfg.model, progress=progress)))
+    return load_tokenizer(tokenizer_path_for(cfg, progress=progress))
 
 
 # --- the base model ----------------------------------------------------------------------------

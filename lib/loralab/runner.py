@@ -57,9 +57,7 @@ def notebook_path(prefix: str) -> Path:
 def validate(cfg: RunConfig) -> None:
     """Every input checked up front: a bad one stops the run before a folder exists."""
     from loralab.data import load_splits
-    from loralab.model import resolve_tokenizer_path
-    from loralab.shape import is_preset, model_config
-    from loralab.tokenizer import load_tokenizer
+    from loralab.shape import model_config
 
     if cfg.batch_sizes == "auto":
         import torch
@@ -69,14 +67,7 @@ def validate(cfg: RunConfig) -> None:
                               "CPU give batch sizes, e.g. --batch-sizes 1 4 7 8")
     model_config(cfg.model)  # presets, HF folders and Meta checkpoints: one-line errors for anything else
     check_model_folder(cfg.model)
-    if cfg.tokenizer:
-        load_tokenizer(cfg.tokenizer)
-    elif is_preset(cfg.model) and cfg.model != "tiny":
-        raise ConfigError(f"tokenizer: the {cfg.model} preset has no tokenizer; pass --tokenizer with a Llama 2 "
-                          f"tokenizer.model (vocab 32000)")
-    elif not is_preset(cfg.model) and (Path(cfg.model).expanduser() / "config.json").is_file():
-        resolve_tokenizer_path(cfg, Path(cfg.model).expanduser())  # an HF folder must bring its tokenizer
-    check_data(cfg, load_splits(cfg.data))
+    check_data(cfg, load_splits(cfg.data))  # loads the tokenizer: one-line errors for a missing or bad one
     for nb in cfg.notebooks:
         notebook_path(nb)
     if cfg.scaling_reference:
