@@ -32,6 +32,7 @@ if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
 pytest.importorskip("selenium", reason="needs selenium (requirements.txt; or pip install -e '.[test]')")
 pytest.importorskip("jupyterlab", reason="needs JupyterLab (requirements.txt; or pip install -e '.[lab]')")
 
+from html_scripts import script_srcs  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -187,21 +188,6 @@ def outside_requests(driver, allowed_prefixes: tuple[str, ...]) -> list[str]:
             if url.split(":", 1)[0] in ("http", "https", "ws", "wss") and not url.startswith(allowed_prefixes):
                 bad.append(url[:200])
     return bad
-
-
-def script_srcs(html: str) -> list[str]:
-    """The src of every <script> tag in an HTML output (not strings inside scripts: plotly.js holds a few)."""
-    from html.parser import HTMLParser
-
-    srcs = []
-
-    class P(HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            if tag == "script" and dict(attrs).get("src") is not None:
-                srcs.append(dict(attrs)["src"])
-
-    P().feed(html)
-    return srcs
 
 
 # The page's own view of a document, through window.jupyterapp (--LabApp.expose_app_in_browser).

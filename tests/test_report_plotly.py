@@ -5,22 +5,9 @@ import pytest
 pio = pytest.importorskip("plotly.io")
 go = pytest.importorskip("plotly.graph_objects")
 
-from html.parser import HTMLParser  # noqa: E402
+from html_scripts import script_srcs  # noqa: E402
 
 from loralab.report import setup_plotly  # noqa: E402
-
-
-def script_srcs(html: str) -> list[str]:
-    """The src of every <script> tag (not strings inside scripts: plotly.js holds a few)."""
-    srcs = []
-
-    class P(HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            if tag == "script" and dict(attrs).get("src") is not None:
-                srcs.append(dict(attrs)["src"])
-
-    P().feed(html)
-    return srcs
 
 
 def bundle():
