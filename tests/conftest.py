@@ -34,7 +34,10 @@ def samsum_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def llama2_tokenizer() -> Path:
-    p = os.environ.get("LORALAB_LLAMA2_TOKENIZER")
-    if not p or not Path(p).is_file():
-        pytest.skip("LORALAB_LLAMA2_TOKENIZER not set (Meta's Llama 2 tokenizer.model; .ci/run sets it)")
-    return Path(p)
+    """Meta's tokenizer.model: LORALAB_LLAMA2_TOKENIZER names the file or the folder holding it (as --tokenizer)."""
+    p = Path(os.environ.get("LORALAB_LLAMA2_TOKENIZER", "")).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.model"
+    if not p.is_file() or p.suffix != ".model":
+        pytest.skip("LORALAB_LLAMA2_TOKENIZER not set (Meta's Llama 2 tokenizer.model or its folder; .ci/run sets it)")
+    return p

@@ -360,18 +360,13 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "no such folder" in r.stderr
 
 
-def test_with_real_llama2_tokenizer(tmp_path):
+def test_with_real_llama2_tokenizer(tmp_path, llama2_tokenizer):
     """vocab_size -1 resolved from Meta's real tokenizer.model (32000 pieces); needs LORALAB_LLAMA2_TOKENIZER."""
-    import os
-
     from transformers import LlamaForCausalLM
 
-    tok = os.environ.get("LORALAB_LLAMA2_TOKENIZER")
-    if not tok:
-        pytest.skip("LORALAB_LLAMA2_TOKENIZER not set (path to Meta's Llama 2 tokenizer.model)")
     torch.manual_seed(0)
     model = LlamaForCausalLM(hf_config(vocab=32000)).eval()
-    src = write_meta(tmp_path / "m", to_meta(model), tokenizer=Path(tok))
+    src = write_meta(tmp_path / "m", to_meta(model), tokenizer=llama2_tokenizer)
     out = convert_meta_checkpoint(src, tmp_path / "hf", log=None)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"]) == (32000, 1, 2)
