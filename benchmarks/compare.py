@@ -294,7 +294,14 @@ class Worker:
     def run(self) -> None:
         caps = self.spec["caps"] or [None]
         cap_gpu_memory(caps[0], self.dev)
-        FAST.COMPILE_OPTIONS = {"dynamic": True}  # one compile for every batch size tried
+        # The recipe's compile options, unchanged (loralab.fast.compile_options): the program training runs.
+        # Training sees one batch size per process, so on packed rows its layers compile one static graph;
+        # this process tries several batch sizes, and torch's automatic dynamic shapes would turn the batch
+        # dimension symbolic after the first change. Off here, each batch size gets training's static graph
+        # (cached, so a batch size seen before is not compiled again).
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        self.res["compile"] = {"options": FAST.compile_options(self.recipe), "automatic_dynamic_shapes": False,
+                               "graphs": "one static graph per batch size, as training compiles"}
         guard = self.spec["method"] in GUARD and self.spec["guard_steps"]
         try:
             self.build(guard_recipe(self.recipe) if guard else self.recipe)
@@ -436,6 +443,8 @@ def markdown(res: dict) -> str:
          f"- seq {res['seq_len']} tokens; steps per config: {res['warmup']} warm-up + {res['steps']} timed "
          f"(seed: {res['seed_warmup']} + {res['seed_steps']}); batch: largest that fits, at most {res['max_batch']} "
          f"(autobatch.find_batch_size, predictor: {res.get('predictor', 'probes')})",
+         "- compile: each recipe's own options (loralab.fast.compile_options, as training), one static graph per batch "
+         "size (automatic dynamic shapes off in this process; a training process never changes shape on packed rows)",
          f"- MFU = analytic model FLOPs (loralab.flops) / step time / peak; peaks: data sheet "
          f"{fmt(res['peak_tflops_datasheet'], '.0f')} TFLOP/s bf16 dense, measured bf16 matmul "
          f"{fmt(res['peak_tflops_measured'], '.0f')} TFLOP/s"

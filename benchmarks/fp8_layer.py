@@ -5,7 +5,8 @@
 
 The layer as ``fast`` trains it: hidden 4096, intermediate 11008, 32 heads, SDPA, bf16 weights, LoRA r8 on
 q/v (no dropout, bf16 matmuls, fp32 master weights; B non-zero so every LoRA gradient is exercised), compiled
-by ``loralab.fast.configure_layers`` with ``{"dynamic": True}`` as benchmarks/compare.py compiles it. Per
+by ``loralab.fast.configure_layers`` with the recipe's compile options (``loralab.fast.compile_options``), one
+static graph per batch size, as training and benchmarks/compare.py compile it. Per
 batch (2048-token rows) and variant: forward + backward of the layer (input gradient + LoRA gradients; no
 gradient for the frozen weights), median milliseconds over ``--iters`` (CUDA events, after ``--warmup``
 untimed steps; the compiling first call is timed apart), the CPU time to issue the same work (close to the GPU
@@ -60,8 +61,8 @@ VARIANTS: dict[str, fp8.FP8Settings | None] = {
 }
 """Ordered by what the decision needs first (a run out of budget drops the last ones)."""
 EVERY_BATCH = ("bf16", "fp8", "fp8 unfused, per-GEMM quant")
-"""Run at every batch size; the other ablations at the largest only (each batch size is one more compile:
-batch 1 is specialised by dynamo, the others share a dynamic graph), unless --all-batches."""
+"""Run at every batch size; the other ablations at the largest only (each batch size is one more compile),
+unless --all-batches."""
 HEADS = {"bf16": None, "fp8 (W^T kept)": BEST.replace(lm_head=True),
          "fp8 (W^T per step)": BEST.replace(lm_head=True, weight_t="per-step")}
 
@@ -469,7 +470,10 @@ def main(argv=None) -> int:
         names.remove("bf16")
     names.insert(0, "bf16")  # the reference runs first
     use_compile = not args.no_compile
-    compile_options = {"dynamic": True} if not args.smoke else {"dynamic": True, "backend": "aot_eager"}
+    # fast8's own compile options (loralab.fast.compile_options), as training compiles; one static graph per
+    # batch size, as a training process (one batch size) has, so automatic dynamic shapes are off here
+    compile_options = fast.compile_options(get_recipe("fast8")) | ({"backend": "aot_eager"} if args.smoke else {})
+    torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

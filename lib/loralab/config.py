@@ -84,6 +84,10 @@ class Recipe:
     (on when CUDA and liger-kernel are there and torch.compile is not active)."""
     compile: str = "off"
     """torch.compile of each decoder layer (regional): "off", "on", "auto" (on when CUDA)."""
+    compile_dynamic: bool | None = None
+    """``torch.compile(dynamic=...)`` of those layers, for training and benchmarks alike. None is torch's
+    default: a static graph for the first shape, a dimension turns symbolic once it changes (packed rows
+    never change shape within a run; unpacked, padded rows do)."""
     lora_matmul_dtype: str = "adapter"
     """"adapter": peft's default, the input is cast to the adapter's fp32 (a T x H copy per LoRA
     module); "input": the fp32 adapter weights are cast to the input's dtype (bf16) instead."""

@@ -58,9 +58,6 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-COMPILE_OPTIONS: dict = {}
-"""Extra ``torch.compile`` options for the decoder layers (benchmarks set {"dynamic": True}: one compile
-for every batch size they try)."""
 LIGER_UNAVAILABLE = "unavailable (needs CUDA + liger-kernel)"
 
 
@@ -352,6 +349,12 @@ def _layer_call(layer, ckpt, ckpt_compiled=None):
     return call
 
 
+def compile_options(recipe) -> dict[str, Any]:
+    """The ``torch.compile`` options of the recipe's decoder layers: the one compile setting that training and
+    every benchmark use."""
+    return {"dynamic": recipe.compile_dynamic}
+
+
 def configure_layers(model, *, compile: bool, checkpointing: str = "none", checkpoint_layers: int | None = None,
                      compile_options: dict | None = None) -> dict[str, Any]:
     """(Re)wire every decoder layer: optionally compiled, optionally checkpointed by loralab's wrapper.
@@ -363,7 +366,7 @@ def configure_layers(model, *, compile: bool, checkpointing: str = "none", check
     layers = decoder_layers(model)
     n_ckpt = 0 if checkpointing == "none" else (len(layers) if checkpoint_layers is None else min(checkpoint_layers, len(layers)))
     ckpt = _checkpoint_fn(checkpointing, model) if n_ckpt else None
-    opts = COMPILE_OPTIONS if compile_options is None else compile_options
+    opts = {} if compile_options is None else compile_options
     for i, layer in enumerate(layers):
         if not hasattr(layer, "_loralab_eager"):
             layer._loralab_eager = layer._call_impl
@@ -455,12 +458,12 @@ def apply_levers(model, recipe, device: torch.device | None = None) -> dict[str,
     if use_compile or ours:
         info = configure_layers(model, compile=use_compile,
                                 checkpointing=recipe.gradient_checkpointing if ours else "none",
-                                checkpoint_layers=recipe.checkpoint_layers)
+                                checkpoint_layers=recipe.checkpoint_layers, compile_options=compile_options(recipe))
         if use_compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     else:
         info = {"checkpointed_layers": 0}
-    lv["compile"] = ("on (each decoder layer)" if use_compile else
+    lv["compile"] = (f"on (each decoder layer, dynamic={recipe.compile_dynamic})" if use_compile else
                      ("off (CPU: auto compiles on CUDA only)" if recipe.compile == "auto" else "off"))
     if recipe.gradient_checkpointing == "none":
         lv["checkpointing"] = "none"

@@ -47,6 +47,9 @@ from typing import Any
 
 import torch
 from torch import nn
+# At module level, not inside the patched forward: an import inside compiled code makes Dynamo (torch 2.11)
+# skip the whole frame ("Bad import result: _LazyModule"), so attention ran eagerly between graphs.
+from transformers.models.llama import modeling_llama
 
 from loralab.config import FP8_MODES, FP8_WEIGHT_T, ConfigError
 
@@ -142,15 +145,15 @@ class _FrozenFP8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xq, xs, w, ws, wt, ones, rowwise: bool, fast_fwd: bool, fast_bwd: bool):
-        ctx.rowwise, ctx.fast_bwd, ctx.has_wt, ctx.has_ones = rowwise, fast_bwd, wt is not None, ones is not None
-        ctx.save_for_backward(w, ws, *([wt] if wt is not None else []), *([ones] if ones is not None else []))
+        ctx.rowwise, ctx.fast_bwd = rowwise, fast_bwd
+        ctx.save_for_backward(w, ws, wt, ones)  # None where absent: a fixed layout, unpacked as it is saved
         return scaled_mm(xq, w.t(), xs, ws, fast_fwd)
 
     @staticmethod
     def backward(ctx, dy):
-        w, ws, *rest = ctx.saved_tensors
-        wt = rest.pop(0) if ctx.has_wt else None
-        ones = rest.pop(0) if ctx.has_ones else None
+        # Unpack by position, no list surgery: Dynamo (torch 2.11) cannot trace ``tuple.pop`` and broke the
+        # graph at every FP8 linear's backward (11 breaks per decoder layer at batch 1; tests/test_fp8.py holds it)
+        w, ws, wt, ones = ctx.saved_tensors
         dx = _grad_input(dy, w, ws, wt, ones, ctx.rowwise, ctx.fast_bwd) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None, None, None, None, None, None
 
@@ -295,13 +298,8 @@ def shared_input_outputs(x: torch.Tensor, mods, fused: FP8Weight | None) -> list
 
 
 def _attention_interface(impl: str):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
-    if get is not None:
-        return get(impl, eager_attention_forward)
-    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+    """The attention kernel LlamaAttention.forward would call (its own lookup, transformers 5.x)."""
+    return modeling_llama.ALL_ATTENTION_FUNCTIONS.get_interface(impl, modeling_llama.eager_attention_forward)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -310,8 +308,6 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, **kwargs)
-    from transformers.models.llama import modeling_llama
-
     kwargs.pop("cache", None)
     kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
