@@ -72,7 +72,9 @@ def tiny(layers=1):
 
 
 def tiny_model(layers=1, seed=0):
-    m = build_lora_model(tiny(layers), get_recipe("fast"), "cpu", seed=seed)
+    # liger off: on a CUDA machine with liger-kernel, "auto" would patch Liger's Triton kernels into this CPU model
+    # (process-wide); fast8 trains compiled on CUDA, where Liger is off too
+    m = build_lora_model(tiny(layers), get_recipe("fast").replace(liger="off"), "cpu", seed=seed)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # LoRA B starts at 0: give it values so A gets gradients too
         for n, p in m.named_parameters():
@@ -460,9 +462,18 @@ def test_fp8_layer_benchmark_smoke(tmp_path):
 
 # ---------------------------------------------------------------- compiled: one graph per decoder layer
 
+def cpu_rowwise_scaled_mm() -> bool:
+    """torch 2.13's CPU ``_scaled_mm`` takes rowwise scales; torch 2.11's takes per-tensor scales only."""
+    try:
+        fp8.fp8_matmul(torch.randn(4, 16, dtype=torch.bfloat16), fp8.FP8Weight(torch.randn(8, 16), ROWWISE))
+        return True
+    except RuntimeError:
+        return False
+
+
 def fp8_devices() -> list[str]:
-    """CPU always (torch's CPU ``_scaled_mm``); CUDA where FP8 tensor cores are (the GPU machine)."""
-    devs = ["cpu"]
+    """CPU where its ``_scaled_mm`` takes rowwise scales (CI's torch); CUDA where FP8 tensor cores are (the GPU machine)."""
+    devs = ["cpu"] if cpu_rowwise_scaled_mm() else []
     if torch.cuda.is_available() and fp8.fp8_status(torch.device("cuda"))[0]:
         devs.append("cuda")
     return devs
