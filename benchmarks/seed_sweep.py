@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from loralab import study  # noqa: E402
-from loralab.train import TrainResult  # noqa: E402
+from loralab.results import TrainResult  # noqa: E402
 
 
 def main() -> int:

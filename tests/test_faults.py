@@ -23,7 +23,7 @@ import pytest
 import run_all
 from loralab import checkpoint, lifecycle, runner
 from loralab.model import materialize_preset
-from loralab.train import TrainResult
+from loralab.results import TrainResult
 from test_resume import free_port
 
 REPO = Path(__file__).resolve().parents[1]
