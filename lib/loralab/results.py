@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from loralab import study
 from loralab.files import write_json_atomic
 
 RESULT_FILE = "train_result.json"
@@ -105,6 +106,10 @@ class DataResult(Result):
         r = super().from_dict(d)
         r.steps_per_epoch = {int(k): v for k, v in r.steps_per_epoch.items()}  # JSON keys are text
         return r
+
+    def study_steps_per_epoch(self, batch_size: int) -> int | None:
+        """The study's steps per epoch at this batch size, where this data is the study's set-up."""
+        return study.STEPS_PER_EPOCH.get(batch_size) if self.matches_study else None
 
 
 @dataclass
