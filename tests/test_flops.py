@@ -186,20 +186,36 @@ def test_analytic_matches_flop_counter_cuda(attn):
 
 
 @pytest.mark.slow
-def test_notebook_04_runs_on_cpu(tmp_path):
-    """The profiling notebook executes end to end on the tiny model and writes its profile.json."""
-    import json
-    from pathlib import Path
+def test_profiling_one_step_on_cpu(tmp_path):
+    """Notebook 04's work on the tiny model: FLOPs three ways, a timed step, MFU; saved as the batch size's profile."""
+    from loralab import profiling
+    from loralab.config import RunConfig
+    from loralab.results import ProfileResult
+    from loralab.run_folder import RunFolder
 
-    import jupytext
-    import papermill as pm
+    cfg = RunConfig(model="tiny", recipe="fast", batch_sizes=[1], seq_len=256, device="cpu").at_batch(1)
+    run = RunFolder(tmp_path / "run")
+    prof = profiling.run(cfg, run)
+    assert prof.flop_counter["total"] == pytest.approx(prof.analytic["hardware_flops"], rel=0.02)
+    assert prof.mfu > 0 and prof.flops_per_step == prof.analytic["model_flops"]
+    assert prof.step_time_source.startswith("timed here") and prof.seq_len == 256 and not prof.gpu_sampled
+    assert [r["batch size"] for r in prof.per_batch_size] == [1, 2, 4, 7, 8] and prof.linear_fit["r2"] == pytest.approx(1)
+    assert run.load(ProfileResult, 1).flops_per_step == prof.flops_per_step == run.profile(1).flops_per_step
 
-    nb = jupytext.read(Path(__file__).resolve().parents[1] / "notebooks" / "04_profiling.py")
-    src = tmp_path / "04.ipynb"
-    jupytext.write(nb, src)
-    pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
-                        parameters={"model": "tiny", "recipe": "fast", "seq_len": 256, "device": "cpu",
-                                    "run_dir": str(tmp_path / "run")}, cwd=str(tmp_path))
-    prof = json.loads((tmp_path / "run" / "bs1" / "profile.json").read_text())
-    assert prof["flop_counter"]["total"] == pytest.approx(prof["analytic"]["hardware_flops"], rel=0.02)
-    assert prof["mfu"] > 0 and prof["flops_per_step"] == prof["analytic"]["model_flops"]
+
+def test_profiling_counts_unpacked_runs_at_their_mean_row_length(tmp_path):
+    """A run that trained one dialogue per row: FLOPs at the mean row length, and step times from its training."""
+    from loralab import profiling
+    from loralab.config import RunConfig
+    from loralab.results import TrainResult
+    from loralab.run_folder import RunFolder
+
+    run = RunFolder(tmp_path)
+    cfg = RunConfig(model="tiny", recipe="demo", batch_sizes=[2], seq_len=128, device="cpu").at_batch(2)
+    run.save(TrainResult(status="ok", batch_size=2, tokens_per_step=130.0))
+    assert profiling.flops_seq_len(cfg, run, 2)[0] == 65
+    run.save(TrainResult(status="ok", batch_size=2, tokens_per_step=250.0))
+    assert profiling.flops_seq_len(cfg, run, 2) == (128, "")
+    run.batch_dir(2).joinpath("steps.jsonl").write_text("".join(f'{{"step": {i}, "step_time_s": {t}}}\n'
+                                                                  for i, t in enumerate([9.0, 1.0, 2.0], 1)))
+    assert profiling.measured_step_times(run, 2) == [1.0, 2.0]  # the warm-up step left out

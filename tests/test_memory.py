@@ -33,6 +33,7 @@ def test_param_counts_7b(cfg7b):
 def test_full_finetune_84gb(cfg7b):
     f = study.full_finetune_fp16(cfg7b)
     assert f["study_gb"] == pytest.approx(84.0)  # 7e9 x (2 + 2 + 8) B
+    assert "7e9 params x (2 + 2 + 8) B = 84 GB" in f["study_formula"]  # what notebook 02 prints
     assert f["total_12B_gb"] == pytest.approx(6_738_415_616 * 12 / 1e9)  # 80.86 GB
     assert f["with_fp32_master_gb"] == pytest.approx(6_738_415_616 * 16 / 1e9)
 
