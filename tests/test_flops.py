@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from loralab import flops as F
-from loralab import profilers as P
+from loralab import flops
+from loralab import profilers
 from loralab.config import ConfigError, get_recipe
 from loralab.model import build_random_model
 from loralab.shape import ModelShape
@@ -25,7 +25,7 @@ def test_7b_hand_formula():
     cfg = LlamaConfig(**LLAMA2_7B)
     b, s, r, L, d, V = 1, 2048, 8, 32, 4096, 32000
     T = b * s
-    f = F.lora_step_flops(ModelShape.of(cfg), batch_size=b, seq_len=s, lora_r=r,
+    f = flops.lora_step_flops(ModelShape.of(cfg), batch_size=b, seq_len=s, lora_r=r,
                           lora_targets=("q_proj", "v_proj"), gradient_checkpointing=False,
                           input_requires_grad=True)
     n_lin = L * (4 * d * d + 3 * d * 11008)
@@ -40,7 +40,7 @@ def test_7b_hand_formula():
     # about 2/3 of full fine-tuning's 6 N per token (N = non-embedding + head weights)
     full_ft_approx = 6 * T * (n_lin + d * V) + 3 * 2 * L * 2 * b * 32 * s * s * 128
     assert 0.6 < f.model_flops / full_ft_approx < 0.7
-    ck = F.lora_step_flops(ModelShape.of(cfg), batch_size=b, seq_len=s, lora_r=r,
+    ck = flops.lora_step_flops(ModelShape.of(cfg), batch_size=b, seq_len=s, lora_r=r,
                            lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True,
                            input_requires_grad=True)
     assert ck.model_flops == f.model_flops
@@ -50,8 +50,8 @@ def test_7b_hand_formula():
 def test_causal_discount_halves_attention():
     cfg = tiny_config()
     r = get_recipe("fast")
-    full = F.recipe_step_flops(cfg, r, 2, 64)
-    half = F.recipe_step_flops(cfg, r, 2, 64, causal_attention_discount=True)
+    full = flops.recipe_step_flops(cfg, r, 2, 64)
+    half = flops.recipe_step_flops(cfg, r, 2, 64, causal_attention_discount=True)
     assert half.attn_fwd * 2 == full.attn_fwd
     assert half.frozen_fwd == full.frozen_fwd
 
@@ -59,8 +59,8 @@ def test_causal_discount_halves_attention():
 def test_layer0_without_input_grad_skips_frozen_backward():
     shape = ModelShape.of(tiny_config())
     kw = dict(batch_size=1, seq_len=32, lora_r=4, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=False)
-    on = F.lora_step_flops(shape, input_requires_grad=True, **kw)
-    off = F.lora_step_flops(shape, input_requires_grad=False, **kw)
+    on = flops.lora_step_flops(shape, input_requires_grad=True, **kw)
+    off = flops.lora_step_flops(shape, input_requires_grad=False, **kw)
     T, d, kvd = 32, 64, 2 * 16
     # layer 0 q, k, v frozen input grads; LoRA A input grads of q, v; dK of attention
     assert on.frozen_bwd - off.frozen_bwd == 2 * T * d * (d + kvd + kvd)
@@ -85,9 +85,9 @@ def test_analytic_matches_flop_counter(name, over):
     cfg = tiny_config()
     recipe = get_recipe(name).replace(**over)
     model = build_random_model(cfg, recipe, torch.device("cpu"))
-    batch = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
-    counted = P.count_step_flops(model, batch, recipe)
-    a = F.recipe_step_flops(cfg, recipe, 2, 64)
+    batch = profilers.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
+    counted = profilers.count_step_flops(model, batch, recipe)
+    a = flops.recipe_step_flops(cfg, recipe, 2, 64)
     assert counted["total"] == pytest.approx(a.hardware_flops, rel=0.02)
     assert counted["forward"] == pytest.approx(a.forward, rel=0.02)
     assert model.training
@@ -98,8 +98,8 @@ def test_flop_counter_linear_in_batch_size():
     recipe = get_recipe("fast")
     model = build_random_model(cfg, recipe, torch.device("cpu"))
     bs = [1, 2, 3, 4]
-    counted = [P.count_step_flops(model, P.random_batch(256, b, 32, torch.device("cpu")), recipe)["total"] for b in bs]
-    a, b0, r2 = F.linear_fit_r2(bs, counted)
+    counted = [profilers.count_step_flops(model, profilers.random_batch(256, b, 32, torch.device("cpu")), recipe)["total"] for b in bs]
+    a, b0, r2 = flops.linear_fit_r2(bs, counted)
     assert r2 > 0.999
     assert abs(b0) < 1e-6 * a  # proportional: no fixed cost per step in matmul FLOPs
 
@@ -109,9 +109,9 @@ def test_int8_seed_recipe_runs_and_is_labelled():
     cfg = tiny_config()
     recipe = get_recipe("seed")
     model = build_random_model(cfg, recipe, torch.device("cpu"))
-    batch = P.random_batch(cfg.vocab_size, 1, 32, torch.device("cpu"))
-    counted = P.count_step_flops(model, batch, recipe)
-    a = F.recipe_step_flops(cfg, recipe, 1, 32)
+    batch = profilers.random_batch(cfg.vocab_size, 1, 32, torch.device("cpu"))
+    counted = profilers.count_step_flops(model, batch, recipe)
+    a = flops.recipe_step_flops(cfg, recipe, 1, 32)
     assert 0 < counted["total"] <= a.hardware_flops * 1.02  # never more than the analytic count
     assert "bitsandbytes" in counted["convention"]
 
@@ -120,13 +120,13 @@ def test_deepspeed_profile_labelled_and_restores_train_mode():
     cfg = tiny_config()
     recipe = get_recipe("fast").replace(param_dtype="float32", compute_dtype="float32")
     model = build_random_model(cfg, recipe, torch.device("cpu"))
-    batch = P.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
-    ds = P.deepspeed_profile(model, batch)
+    batch = profilers.random_batch(cfg.vocab_size, 2, 64, torch.device("cpu"))
+    ds = profilers.deepspeed_profile(model, batch)
     assert model.training  # get_model_profile calls model.eval(); we restore it
     assert "3 x forward" in ds["convention"] and "bitsandbytes" in ds["convention"]
     if not ds["available"]:
         pytest.skip(f"DeepSpeed profiler unavailable here: {ds['error']}")
-    a = F.recipe_step_flops(cfg, recipe, 2, 64)
+    a = flops.recipe_step_flops(cfg, recipe, 2, 64)
     assert ds["forward_macs"] == pytest.approx(a.forward / 2, rel=0.02)  # matmul MACs agree
     assert ds["forward_flops"] >= a.forward  # DeepSpeed adds elementwise ops
     assert ds["step_flops_ds_convention"] == 3 * ds["forward_flops"]
@@ -136,41 +136,41 @@ def test_deepspeed_profile_labelled_and_restores_train_mode():
 def test_sweep_metrics_and_peaks():
     cfg = LlamaConfig(**LLAMA2_7B)
     recipe = get_recipe("fast")
-    m = F.sweep_metrics(cfg, recipe, 4, 2048, step_time_s=2.0, peak_tflops=989.0)
-    f = F.recipe_step_flops(cfg, recipe, 4, 2048)
+    m = flops.sweep_metrics(cfg, recipe, 4, 2048, step_time_s=2.0, peak_tflops=989.0)
+    f = flops.recipe_step_flops(cfg, recipe, 4, 2048)
     assert m["flops_per_step"] == f.model_flops and m["macs_per_step"] == f.macs
     assert m["tflops_per_s"] == pytest.approx(f.model_flops / 2.0 / 1e12)
     assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 989.0)
-    assert F.sweep_metrics(cfg, recipe, 4, 2048, None, 989.0)["mfu"] is None
-    assert F.device_peak_tflops("NVIDIA H200") == 989.0
-    assert F.device_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
-    assert F.device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert F.device_peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
-    assert F.device_peak_tflops("cpu") is None
+    assert flops.sweep_metrics(cfg, recipe, 4, 2048, None, 989.0)["mfu"] is None
+    assert flops.device_peak_tflops("NVIDIA H200") == 989.0
+    assert flops.device_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert flops.device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert flops.device_peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
+    assert flops.device_peak_tflops("cpu") is None
 
 
 def test_flops_linear_in_batch_size_7b():
     cfg = LlamaConfig(**LLAMA2_7B)
     bs = [1, 2, 4, 8]
-    y = [F.recipe_step_flops(cfg, get_recipe("seed"), b, 2048).model_flops for b in bs]
-    assert F.linear_fit_r2(bs, y)[2] > 0.999999
+    y = [flops.recipe_step_flops(cfg, get_recipe("seed"), b, 2048).model_flops for b in bs]
+    assert flops.linear_fit_r2(bs, y)[2] > 0.999999
 
 
 def test_bad_input_raises_config_error():
     shape = ModelShape.of(tiny_config())
     with pytest.raises(ConfigError):
-        F.lora_step_flops(shape, batch_size=0, seq_len=8, lora_r=8, lora_targets=("q_proj",),
+        flops.lora_step_flops(shape, batch_size=0, seq_len=8, lora_r=8, lora_targets=("q_proj",),
                           gradient_checkpointing=False, input_requires_grad=False)
     with pytest.raises(ConfigError):
-        F.lora_step_flops(shape, batch_size=1, seq_len=8, lora_r=8, lora_targets=("qkv",),
+        flops.lora_step_flops(shape, batch_size=1, seq_len=8, lora_r=8, lora_targets=("qkv",),
                           gradient_checkpointing=False, input_requires_grad=False)
     with pytest.raises(ConfigError):
-        F.lora_step_flops(shape, batch_size=1, seq_len=8, lora_r=8, lora_targets=("q_proj",),
+        flops.lora_step_flops(shape, batch_size=1, seq_len=8, lora_r=8, lora_targets=("q_proj",),
                           gradient_checkpointing=False, input_requires_grad=False, attention_kernel="flash")
 
 
 def test_measure_matmul_peak_cpu():
-    assert P.measure_matmul_peak("cpu", torch.float32, n=256) > 0
+    assert profilers.measure_matmul_peak("cpu", torch.float32, n=256) > 0
 
 
 @pytest.mark.gpu
@@ -180,9 +180,9 @@ def test_analytic_matches_flop_counter_cuda(attn):
     cfg = tiny_config()
     recipe = get_recipe("fast").replace(attn_implementation=attn)
     model = build_random_model(cfg, recipe, torch.device("cuda"))
-    batch = P.random_batch(cfg.vocab_size, 2, 128, torch.device("cuda"))
-    counted = P.count_step_flops(model, batch, recipe)
-    assert counted["total"] == pytest.approx(F.recipe_step_flops(cfg, recipe, 2, 128).hardware_flops, rel=0.02)
+    batch = profilers.random_batch(cfg.vocab_size, 2, 128, torch.device("cuda"))
+    counted = profilers.count_step_flops(model, batch, recipe)
+    assert counted["total"] == pytest.approx(flops.recipe_step_flops(cfg, recipe, 2, 128).hardware_flops, rel=0.02)
 
 
 @pytest.mark.slow
