@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with StopOnSignal() as stop:
         try:
-            from loralab import runner
+            from loralab import sweep
 
             run = resume_dir(argv)
-            result = runner.resume_sweep(run, stop=stop) if run else runner.run_sweep(config_from_args(argv), stop=stop)
+            result = sweep.resume_sweep(run, stop=stop) if run else sweep.run_sweep(config_from_args(argv), stop=stop)
         except ConfigError as e:
             print(f"run_all.py: error: {e}", file=sys.stderr)
             return 2

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from loralab import flops as F
-from loralab import profilers as P
+from loralab import flops
+from loralab import profilers
 from loralab.config import get_recipe
 from loralab.device import MemoryMeter, free_memory, gpu_info, is_oom, resolve_device, versions
 from loralab.gpu_monitor import GpuMonitor
@@ -47,32 +47,32 @@ def run_recipe(label, cfg, recipe, batch_sizes, seq_len, steps, device, peak_she
     model = build_random_model(cfg, recipe, device)
     for bs in batch_sizes:
         row = {"recipe": label, "batch_size": bs, "seq_len": seq_len, "tokens": bs * seq_len, "status": "ok"}
-        a = F.recipe_step_flops(cfg, recipe, bs, seq_len)
-        ac = F.recipe_step_flops(cfg, recipe, bs, seq_len, causal_attention_discount=True)
+        a = flops.recipe_step_flops(cfg, recipe, bs, seq_len)
+        ac = flops.recipe_step_flops(cfg, recipe, bs, seq_len, causal_attention_discount=True)
         row.update(analytic_model_flops=a.model_flops, analytic_hardware_flops=a.hardware_flops,
                    analytic_macs=a.macs, analytic_forward_flops=a.forward,
                    analytic_model_flops_causal=ac.model_flops, analytic=a.as_dict())
         if recipe.quantization != "none":  # what FlopCounterMode can see if bitsandbytes' forward kernels are opaque
             row["analytic_hw_minus_quantized_forward"] = a.hardware_flops - a.frozen_fwd * (
                 2 if recipe.gradient_checkpointing == "full" else 1)
-        ids = P.random_batch(cfg.vocab_size, bs, seq_len, device)
+        ids = profilers.random_batch(cfg.vocab_size, bs, seq_len, device)
         oom = None
         try:
             t0 = time.perf_counter()
-            c = P.count_step_flops(model, ids, recipe)
+            c = profilers.count_step_flops(model, ids, recipe)
             row.update(fcm_flops=c["total"], fcm_forward=c["forward"], fcm_by_op=c["by_op"],
                        fcm_vs_analytic_hw=c["total"] / a.hardware_flops, fcm_s=time.perf_counter() - t0)
             if "analytic_hw_minus_quantized_forward" in row:
                 row["fcm_vs_analytic_visible"] = c["total"] / row["analytic_hw_minus_quantized_forward"]
             if bs in ds_bs:
-                d = P.deepspeed_profile(model, ids)
+                d = profilers.deepspeed_profile(model, ids)
                 row.update(ds_forward_flops=d["forward_flops"], ds_forward_macs=d["forward_macs"], ds_params=d["params"],
                            ds_step_flops=d["step_flops_ds_convention"], ds_error=d["error"])
             meter.reset()
             with GpuMonitor(interval_s=0.2) as mon:
-                times = P.time_steps(model, ids, n_steps=steps, warmup=1, recipe=recipe)
+                times = profilers.time_steps(model, ids, n_steps=steps, warmup=1, recipe=recipe)
             st = sorted(times)[len(times) // 2]  # median
-            m = F.sweep_metrics(cfg, recipe, bs, seq_len, st, peak_sheet)
+            m = flops.sweep_metrics(cfg, recipe, bs, seq_len, st, peak_sheet)
             row.update(step_time_s=st, step_times_s=times, tokens_per_s=bs * seq_len / st, **m,
                        mfu_vs_measured_peak=m["tflops_per_s"] / peak_measured if peak_measured else None,
                        monitor=mon.summary())
@@ -160,8 +160,8 @@ def main(argv=None) -> int:
         device = resolve_device("cuda")
         bss, seq, n = args.batch_sizes or [1, 2, 4, 8], args.seq_len or 2048, 8192
     gpu = gpu_info()
-    peak_sheet = F.device_peak_tflops(gpu["name"]) if device.type == "cuda" else None
-    peak_measured = P.measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32, n=n)
+    peak_sheet = flops.device_peak_tflops(gpu["name"]) if device.type == "cuda" else None
+    peak_measured = profilers.measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32, n=n)
     rows = []
     t_all = time.perf_counter()
     for label in args.recipes:
@@ -172,9 +172,9 @@ def main(argv=None) -> int:
         rr = [r for r in rows if r["recipe"] == label and r["status"] == "ok"]
         x = [r["batch_size"] for r in rr]
         if len(x) >= 2:
-            lin[label] = {"analytic_r2": F.linear_fit_r2(x, [r["analytic_model_flops"] for r in rr])[2],
-                          "fcm_r2": F.linear_fit_r2(x, [r["fcm_flops"] for r in rr])[2],
-                          "time_r2": F.linear_fit_r2(x, [r["step_time_s"] for r in rr])[2]}
+            lin[label] = {"analytic_r2": flops.linear_fit_r2(x, [r["analytic_model_flops"] for r in rr])[2],
+                          "fcm_r2": flops.linear_fit_r2(x, [r["fcm_flops"] for r in rr])[2],
+                          "time_r2": flops.linear_fit_r2(x, [r["step_time_s"] for r in rr])[2]}
     now = dt.datetime.now(dt.timezone.utc)
     res = {"unit": "GFLOP" if args.smoke else "TFLOP", "matmul_dtype": "fp32" if device.type == "cpu" else "bf16",
            "model": model_name, "random_weights": True, "config": cfg.to_dict(), "command": " ".join(["python"] + sys.argv),

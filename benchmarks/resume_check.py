@@ -37,7 +37,7 @@ from pathlib import Path
 
 from loralab.config import RunConfig
 from loralab.device import gpu_info, versions
-from loralab.train import TrainResult
+from loralab.results import TrainResult
 
 
 def job(args) -> RunConfig:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from loralab import study  # noqa: E402
-from loralab.train import TrainResult  # noqa: E402
+from loralab.run_folder import RunFolder  # noqa: E402
 
 
 def main() -> int:
@@ -58,14 +58,14 @@ def main() -> int:
            "--notebooks", *a.notebooks, "--out", a.runs, "--run-id", run_id, "--device", device]
     print("+", shlex.join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=REPO)
-    run_dir = Path(a.runs) / run_id
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run = RunFolder(Path(a.runs) / run_id)
+    summary = run.read_summary()
     env = summary.get("environment") or {}
 
     rows = []
     for s in summary["sweep"]:
         bs = s["batch_size"]
-        tr = TrainResult.load(run_dir / f"bs{bs}")
+        tr = run.training(bs)
         rows.append({**s, "predicted_device_gib": tr and tr.predicted_device_gib,
                      "steps_done": tr and tr.steps_done, "oom_memory": tr and tr.oom_memory,
                      "study_peak_gib": study.PEAK_MEMORY_GIB.get(bs, "-"),

@@ -37,7 +37,7 @@ config = {}  # run_all.py passes the configuration of the whole run here; it win
 import pandas as pd
 import plotly.graph_objects as go
 
-from loralab import memory as M
+from loralab import memory
 from loralab import study
 from loralab.autobatch import largest_batch_that_fits
 from loralab.config import get_recipe
@@ -53,7 +53,7 @@ shape = ModelShape.of(mcfg)
 rec = cfg.recipe
 capacity_gib = cfg.gpu_memory_gib or 40.0
 shown = cfg.batch_sizes if cfg.batch_sizes != "auto" else [1, 2, 4, 8, 16]
-GIB = M.GIB
+GIB = memory.GIB
 print({"model": cfg.model, "recipe": rec.name, "seq_len": cfg.seq_len, "batch_sizes": shown, "capacity_gib": capacity_gib})
 print(f"params: {shape.total_params():,}; LoRA params: {shape.lora_params(rec):,} "
       f"({100 * shape.lora_params(rec) / shape.total_params():.3f} %)")
@@ -105,7 +105,7 @@ t1.style.format({"study (GB)": "{:.4f}", "loralab (GB)": "{:.4f}"}).hide(axis="i
 # every term: `loralab/memory.py`; the table below the chart gives them for the largest batch shown.
 
 # %%
-bds = {b: M.predict_peak(mcfg, rec, b, cfg.seq_len) for b in shown}
+bds = {b: memory.predict_peak(mcfg, rec, b, cfg.seq_len) for b in shown}
 terms = list(next(iter(bds.values())).terms)
 for bd in bds.values():
     terms += [t for t in bd.terms if t not in terms]
@@ -156,13 +156,13 @@ pd.DataFrame(rows).style.hide(axis="index")
 # sweep, with the same values for every recipe and batch size.
 
 # %%
-print(f"CUDA context: {M.CUDA_CONTEXT_GIB} GiB")
-print(f"expandable segments: {M.EXPANDABLE_LOSS_FRACTION} x loss-backward blocks + {M.EXPANDABLE_FIXED_GIB} GiB "
-      f"(calibrated on {M.EXPANDABLE_CALIBRATION.split(':')[0]})")
-print(f"caching allocator: {M.FRAG_LOSS_FRACTION} x loss-backward blocks + {M.FRAG_LAYER_FRACTION} x top-layer backward "
-      f"working set + {M.ALLOCATOR_FIXED_GIB} GiB (calibrated on {M.CALIBRATION.split(':')[0]})")
-print(f"eager softmax backward on CUDA: {M.EAGER_EXTRA_SCORE_BUFFERS_CUDA} extra score buffer; "
-      f"int8 down_proj outlier columns: {M.INT8_OUTLIER_COL_FRACTION_DOWN:.0%}")
+print(f"CUDA context: {memory.CUDA_CONTEXT_GIB} GiB")
+print(f"expandable segments: {memory.EXPANDABLE_LOSS_FRACTION} x loss-backward blocks + {memory.EXPANDABLE_FIXED_GIB} GiB "
+      f"(calibrated on {memory.EXPANDABLE_CALIBRATION.split(':')[0]})")
+print(f"caching allocator: {memory.FRAG_LOSS_FRACTION} x loss-backward blocks + {memory.FRAG_LAYER_FRACTION} x top-layer backward "
+      f"working set + {memory.ALLOCATOR_FIXED_GIB} GiB (calibrated on {memory.CALIBRATION.split(':')[0]})")
+print(f"eager softmax backward on CUDA: {memory.EAGER_EXTRA_SCORE_BUFFERS_CUDA} extra score buffer; "
+      f"int8 down_proj outlier columns: {memory.INT8_OUTLIER_COL_FRACTION_DOWN:.0%}")
 
 # %% [markdown]
 # ## How right is it?

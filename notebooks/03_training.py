@@ -36,21 +36,20 @@ config = {}  # run_all.py passes the configuration of the whole run here; it win
 # %%
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 from IPython.display import Markdown, display
 
-from loralab import distributed as D
 from loralab import study
-from loralab.report import banner, config_table, notebook_config, notebook_run_dir, setup_plotly
-from loralab.shape import model_config
-from loralab.train import TrainResult, run_training
+from loralab.report import banner, config_table, notebook_config, setup_plotly
+from loralab.results import TrainResult
+from loralab.run_folder import RunFolder
+from loralab.train import run_training
 
 setup_plotly()
 cfg = notebook_config(config, model=model, tokenizer=tokenizer, data=data, recipe=recipe, batch_sizes=[batch_size],
                       max_steps=max_steps or None, device=device, gpu_memory_gib=gpu_memory_gib or None).at_batch(batch_size)
-out_dir = notebook_run_dir(run_dir, "03_training") / f"bs{batch_size}"
+run = RunFolder.for_notebook(run_dir, "03_training")
 banner(cfg)
-print(f"batch size {batch_size}, recipe {cfg.recipe.name}, results in {out_dir}")
+print(f"batch size {batch_size}, recipe {cfg.recipe.name}, results in {run.batch_dir(batch_size)}")
 if cfg.world_size > 1:
     print(f"{cfg.world_size} GPU(s) ({cfg.nnodes} node(s)), strategy {cfg.strategy}: global batch = {batch_size} per GPU "
           f"x {cfg.world_size} GPUs x {cfg.grad_accum} accumulation = {cfg.global_batch_size}")
@@ -63,33 +62,26 @@ if cfg.world_size > 1:
 config_table(cfg).style.hide(axis="index")
 
 # %% [markdown]
-# ## Predicted peak memory (before training)
-#
-# loralab's analytic memory model (notebook 02) for this recipe, batch size and sequence length
-# (per GPU when several train).
-
-# %%
-dev = torch.device("cuda", 0) if cfg.device != "cpu" and torch.cuda.is_available() else torch.device("cpu")
-strategy = D.resolve_strategy(cfg, dev) if cfg.world_size > 1 else "ddp"
-try:
-    prediction = D.predict_peak_distributed(model_config(cfg.model), cfg.recipe, batch_size, cfg.seq_len,
-                                            cfg.world_size, strategy)
-    print(f"predicted peak: {prediction.reserved / 2**30:.2f} GiB reserved by PyTorch, "
-          f"{prediction.total / 2**30:.2f} GiB device used (CUDA context included); peak during {prediction.phase}")
-    display(Markdown(prediction.markdown()))
-except Exception as exc:  # a recipe the memory model does not cover (Liger): say so, train anyway
-    prediction = None
-    print(f"no prediction: {exc}")
-
-# %% [markdown]
 # ## Training
 #
 # One library call trains (`loralab.train.run_training`): one process here, or one per GPU under torchrun.
-# One JSON line per step goes to `steps.jsonl`; a background monitor samples GPU utilisation and memory
-# (host CPU and memory on a machine without a GPU) into `monitor.csv`.
+# Before the first step it predicts the peak memory with loralab's analytic memory model (notebook 02; per GPU
+# when several train). One JSON line per step goes to `steps.jsonl`; a background monitor samples GPU
+# utilisation and memory (host CPU and memory on a machine without a GPU) into `monitor.csv`.
 
 # %%
-result: TrainResult = run_training(cfg, out_dir)
+result: TrainResult = run_training(cfg, run.batch_dir(batch_size))
+
+# %% [markdown]
+# ## Predicted peak memory (before training)
+
+# %%
+if result.predicted_peak_gib is not None:
+    print(f"predicted peak: {result.predicted_peak_gib:.2f} GiB reserved by PyTorch, "
+          f"{result.predicted_device_gib:.2f} GiB device used (CUDA context included)"
+          + (" per GPU" if result.world_size > 1 else "") + "; the terms: notebook 02")
+else:
+    print("no prediction: the memory model does not cover this recipe (or the model did not load)")
 
 # %% [markdown]
 # ## Result
@@ -128,8 +120,7 @@ pd.DataFrame(rows.items(), columns=["measure", "value"]).style.hide(axis="index"
 # ## Loss per step (the study's Figures 7 and 8)
 
 # %%
-steps_file = out_dir / "steps.jsonl"
-steps = pd.read_json(steps_file, lines=True) if steps_file.exists() and steps_file.stat().st_size else pd.DataFrame()
+steps = pd.DataFrame(run.steps(batch_size))
 if len(steps):
     fig = go.Figure(go.Scatter(x=steps["step"], y=steps["loss"], mode="lines+markers", name="loss"))
     fig.update_layout(title=f"Training loss, batch size {batch_size}", xaxis_title="step", yaxis_title="loss", height=350)
@@ -173,7 +164,7 @@ if len(steps):
 # Sampled in the background every 0.5 s during training (nvitop on a GPU; host metrics otherwise).
 
 # %%
-samples = pd.read_csv(out_dir / "monitor.csv") if (out_dir / "monitor.csv").exists() else pd.DataFrame()
+samples = pd.DataFrame(run.monitor_samples(batch_size))
 if len(samples):
     fig = go.Figure()
     for col in [c for c in samples.columns if c != "t_s" and samples[c].notna().any()]:

@@ -24,43 +24,29 @@ run_dir = ""  # a run folder written by run_all.py; empty = the newest one under
 config = {}  # run_all.py passes the configuration of the whole run here; empty = the run folders run_config.json
 
 # %%
-import json
-from pathlib import Path
-
 import pandas as pd
 import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
 from loralab import study
 from loralab.config import RunConfig
-from loralab.report import banner, latest_run, read_json, setup_plotly, table
-from loralab.train import TrainResult
+from loralab.report import banner, setup_plotly, table
+from loralab.run_folder import RunFolder, SweepReport
 
 setup_plotly()
-run = Path(run_dir) if run_dir else latest_run()
+run = RunFolder(run_dir) if run_dir else RunFolder.latest()
 if run is None:
     display(Markdown("> **No run yet.** Run `python run_all.py` (or notebook 03) first; this report reads its folder."))
-cfg = RunConfig.from_dict(config) if config else (RunConfig.load(run / "run_config.json") if run else RunConfig())
+cfg = RunConfig.from_dict(config) if config else (run.load_config() if run else RunConfig())
 banner(cfg)
-print(f"run folder: {run}")
-batch_sizes = cfg.batch_sizes if run and cfg.batch_sizes != "auto" else []
-recipe, gpu_memory_gib, scaling_reference = cfg.recipe.name, cfg.gpu_memory_gib, cfg.scaling_reference
-results = {bs: (r.to_dict() if (r := TrainResult.load(run / f"bs{bs}")) else None) for bs in batch_sizes}
-profiles = {bs: read_json(run, f"bs{bs}/profile.json") for bs in batch_sizes}
-setup = (read_json(run, "results/setup.json") if run else None) or {}
-env = setup.get("environment", {})
+print(f"run folder: {run.path if run else None}")
+report = run.report(cfg) if run else SweepReport(run=None)
+batch_sizes = report.batch_sizes
+recipe, gpu_memory_gib = cfg.recipe.name, cfg.gpu_memory_gib
+env = report.environment
 card = gpu_memory_gib or env.get("gpu_memory_gib")
 gpu = env.get("gpu", "unknown")
-
-
-def val(bs, key):
-    r = results.get(bs)
-    return None if r is None else r.get(key)
-
-
-def status(bs):
-    r = results.get(bs)
-    return "– (its training notebook failed or did not run)" if r is None else r["status"]
+val, status = report.value, report.status
 
 
 # %% [markdown]
@@ -75,11 +61,8 @@ if ok:
     best = max(ok, key=lambda b: val(b, "tokens_per_s") or 0)
     lines.append(f"- **Fastest:** batch size {best} at {val(best, 'tokens_per_s'):,.0f} tok/s; "
                  f"epoch {val(best, 'epoch_time_s'):,.0f} s ({val(best, 'epoch_time_kind')})")
-auto = read_json(run, "results/autobatch.json") if run else None
-if auto:
-    lines.append(f"- **Batch size chosen automatically:** {auto['chosen']} — predicted {auto['predicted_gib']:.2f} GiB, "
-                 f"measured {auto['measured_gib']:.2f} GiB, headroom {auto['headroom_gib']:.2f} GiB of "
-                 f"{auto['capacity_gib']:.1f} GiB ({auto['capacity_kind']}); tried {[t['batch_size'] for t in auto['tried']]}")
+if report.autobatch:
+    lines.append(f"- **Batch size chosen automatically:** {report.autobatch.line}")
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]
@@ -132,14 +115,14 @@ table(table4)
 # batch is per-GPU batch x GPUs x accumulation steps, and each GPU's peak memory is listed.
 
 # %%
-multi = {bs: r for bs, r in results.items() if r and r.get("world_size", 1) > 1}
+multi = {bs: r for bs, r in report.training.items() if r and r.world_size > 1}
 if multi:
     rows = []
     for bs, r in multi.items():
-        base = {"batch size per GPU": bs, "GPUs": r["world_size"], "accumulation": r.get("grad_accum"),
-                "global batch": r.get("global_batch_size"), "strategy": r.get("strategy"),
-                "throughput, all GPUs (tok/s)": r.get("tokens_per_s"), "throughput per GPU (tok/s)": r.get("tokens_per_s_per_gpu")}
-        for pr in r.get("per_rank") or []:
+        base = {"batch size per GPU": bs, "GPUs": r.world_size, "accumulation": r.grad_accum,
+                "global batch": r.global_batch_size, "strategy": r.strategy,
+                "throughput, all GPUs (tok/s)": r.tokens_per_s, "throughput per GPU (tok/s)": r.tokens_per_s_per_gpu}
+        for pr in r.per_rank or []:
             base[f"GPU {pr['rank']} peak reserved (GiB)"] = pr.get("peak_reserved_gib")
         rows.append(base)
     display(table(rows))
@@ -154,20 +137,8 @@ else:
 # efficiency = speed-up / (GPUs here / GPUs there). Batch sizes are per GPU in both runs.
 
 # %%
-scaling = []
-if scaling_reference:
-    ref = read_json(Path(scaling_reference), "summary.json") or {}
-    ref_rows = {r["batch_size"]: r for r in ref.get("sweep", []) if r.get("status") == "ok" and r.get("tokens_per_s")}
-    for bs in batch_sizes:
-        mine = results.get(bs)
-        if not (mine and mine.get("status") == "ok" and mine.get("tokens_per_s") and bs in ref_rows):
-            continue
-        w_ref, w = ref_rows[bs].get("world_size", 1), mine.get("world_size", 1)
-        speedup = mine["tokens_per_s"] / ref_rows[bs]["tokens_per_s"]
-        scaling.append({"batch size per GPU": bs, "GPUs (reference)": w_ref, "GPUs (this run)": w,
-                        "tokens/s (reference)": ref_rows[bs]["tokens_per_s"], "tokens/s (this run)": mine["tokens_per_s"],
-                        "speed-up": speedup, "efficiency": speedup / (w / w_ref)})
-    (run / "results" / "scaling.json").write_text(json.dumps({"reference": str(scaling_reference), "rows": scaling}, indent=1))
+scaling = report.scaling.rows if report.scaling else []
+if report.scaling:
     if scaling:
         display(table(scaling, precision=3))
         fig = go.Figure()
@@ -181,7 +152,7 @@ if scaling_reference:
                           barmode="group", height=380)
         fig.show()
     else:
-        print(f"no batch size trained in both this run and the reference {scaling_reference}")
+        print(f"no batch size trained in both this run and the reference {report.scaling.reference}")
 else:
     print("no --scaling-reference given: nothing to compare against")
 
@@ -191,9 +162,8 @@ else:
 # %%
 fig = go.Figure()
 for bs in batch_sizes:
-    f = run / f"bs{bs}" / "steps.jsonl"
-    if f.exists() and f.stat().st_size:
-        steps = pd.read_json(f, lines=True)
+    if report.steps.get(bs):
+        steps = pd.DataFrame(report.steps[bs])
         fig.add_trace(go.Scatter(x=steps["step"], y=steps["loss"], name=f"bs {bs}", mode="lines"))
 fig.update_layout(title="Training loss per step", xaxis_title="step", yaxis_title="loss", height=380)
 fig.show()
@@ -203,7 +173,7 @@ fig.show()
 
 # %%
 fig = go.Figure()
-xs = [bs for bs in batch_sizes if results.get(bs)]
+xs = [bs for bs in batch_sizes if report.training.get(bs)]
 for key, name in [("peak_allocated_gib", "allocated"), ("peak_reserved_gib", "reserved"),
                   ("peak_device_used_gib", "device used"), ("predicted_peak_gib", "predicted reserved")]:
     fig.add_trace(go.Scatter(x=xs, y=[val(b, key) for b in xs], name=name, mode="lines+markers"))
@@ -224,14 +194,14 @@ fig.show()
 # bitsandbytes' int8/4-bit kernels, so its line is shown for comparison, not as the truth.
 
 # %%
-prof_rows = [{"batch size": bs, **{k: p.get(k) for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu")}}
-             for bs, p in profiles.items() if p]
+prof_rows = [{"batch size": bs, **{k: getattr(p, k) for k in ("flops_per_step", "macs_per_step", "tflops_per_s", "mfu")}}
+             for bs, p in report.profiles.items() if p]
 if prof_rows:
     prof = pd.DataFrame(prof_rows)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=prof["batch size"], y=prof["flops_per_step"] / 1e12, name="TFLOPs per step", mode="lines+markers"))
     fig.add_trace(go.Scatter(x=prof["batch size"], y=prof["macs_per_step"] / 1e12, name="TMACs per step", mode="lines+markers"))
-    ds = [(bs, (p.get("deepspeed") or {}).get("step_flops_ds_convention")) for bs, p in profiles.items() if p]
+    ds = [(bs, (p.deepspeed or {}).get("step_flops_ds_convention")) for bs, p in report.profiles.items() if p]
     ds = [(bs, v) for bs, v in ds if v]
     if ds:  # what the study's tool reports: full-training convention, blind to bitsandbytes kernels
         fig.add_trace(go.Scatter(x=[b for b, _ in ds], y=[v / 1e12 for _, v in ds], mode="lines+markers",

@@ -107,6 +107,7 @@ def test_bad_launch_arguments_are_config_errors():
 
 
 # --- torchrun, gloo, 2 processes ---------------------------------------------------------------
+@pytest.mark.slow  # torchrun: real processes
 def test_ddp_two_ranks_match_one_process(tmp_path, one_process_losses):
     """(a) 2 processes x batch 2 == 1 process x batch 4, step for step, within 1 %."""
     res = launch(fp32_cfg(2), tmp_path, nproc=2, strategy="ddp")
@@ -120,6 +121,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, one_process_losses):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow  # torchrun: real processes
 @pytest.mark.parametrize("packing", [True, False])
 def test_one_loop_one_process_and_two_agree_on_loss_and_tokens(tmp_path, packing):
     """The same loop (loralab.train.train: run in this process, and on both torchrun ranks through
@@ -153,6 +155,7 @@ def test_one_step_one_backward():
     assert train_entry.train_on_rank is train.train_on_rank
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_fsdp_two_ranks_match_one_process_and_save_the_whole_adapter(tmp_path, one_process_losses):
     """(b) FSDP2 fully_shard runs on CPU with gloo in torch 2.13: same losses, a complete adapter.
     With checkpointing (the 13B-on-two-GPUs case): FSDP switches it to non-reentrant; the math is unchanged."""
@@ -166,6 +169,7 @@ def test_fsdp_two_ranks_match_one_process_and_save_the_whole_adapter(tmp_path, o
     assert a.shape == (8, 128)  # the full (r x hidden) matrix, not a shard
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_gradient_accumulation_equals_a_larger_batch(tmp_path, one_process_losses):
     """2 ranks x batch 1 x 2 accumulation steps == 1 process x batch 4."""
     res = launch(fp32_cfg(1), tmp_path, nproc=2, strategy="ddp", grad_accum=2)
@@ -173,6 +177,7 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path, one_process_losse
     torch.testing.assert_close(res.losses, one_process_losses, rtol=0.01, atol=0)
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_oom_on_every_rank_stops_all_cleanly(tmp_path):
     """(c) the agreement path: every rank sees the OOM flag, stops together and exits 0."""
     res = launch(fp32_cfg(2, steps=4), tmp_path, nproc=2, strategy="ddp",
@@ -182,6 +187,7 @@ def test_oom_on_every_rank_stops_all_cleanly(tmp_path):
     assert len(steps_of(tmp_path)) == 1
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_oom_on_one_rank_ends_the_run_without_a_hang(tmp_path):
     """(c) rank 1 alone runs out of memory while rank 0 waits in DDP's all-reduce: rank 1 records it,
     its control exchange times out (10 s here), it exits, torchrun stops rank 0; the result is "oom"."""
@@ -223,6 +229,7 @@ def test_run_all_nproc_2_end_to_end(tmp_path):
     assert "accumulation = global" not in (tmp_path / "one" / "index.html").read_text()  # one process: no GPU columns
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_scaling_reference_of_another_job_is_refused(tmp_path):
     """A reference of another recipe: one-line error, exit 2, no run folder."""
     ref = tmp_path / "ref"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -247,24 +249,13 @@ def test_decoding_settings_are_greedy():
     assert DECODING["repetition_penalty"] == 1.0
 
 
-# ---------------------------------------------------------------- notebook --
+# ---------------------------------------------------------------- notebook 05's work --
 
-@pytest.mark.slow
-def test_notebook_05_runs_end_to_end(tmp_path):
-    """Notebook 05 on the tiny preset with a (random, non-zero) adapter: the random-base note, speed, adapter life."""
-    import subprocess
-    import sys
-
-    nbformat = pytest.importorskip("nbformat")
-    pytest.importorskip("papermill")
-    from pathlib import Path
-
+def random_adapter(folder: Path, out: Path) -> Path:
+    """A (random, non-zero) LoRA adapter on q_proj and v_proj of the model in ``folder``, saved in ``out``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loralab.model import materialize_preset
-
-    folder = materialize_preset("tiny")
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     torch.manual_seed(0)
@@ -272,32 +263,66 @@ def test_notebook_05_runs_end_to_end(tmp_path):
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    pm.save_pretrained(tmp_path / "adapter")
+    pm.save_pretrained(out)
+    return out
 
-    root = Path(__file__).resolve().parents[1]
-    src, nb_in, nb_out = root / "notebooks" / "05_summaries.py", tmp_path / "in.ipynb", tmp_path / "out.ipynb"
-    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "-o", str(nb_in), str(src)], check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "papermill", "-k", "python3", str(nb_in), str(nb_out),
-                    "-p", "adapter_dir", str(tmp_path / "adapter"), "-p", "eval_examples", "4",
-                    "-p", "show_examples", "2", "-p", "max_new_tokens", "8", "-p", "batch_size", "2",
-                    "-p", "export_dir", str(tmp_path / "merged"), "-p", "run_dir", str(tmp_path / "run")],
-                   check=True, capture_output=True, cwd=tmp_path)
-    nb = nbformat.read(nb_out, as_version=4)
-    text = ""
-    for cell in nb.cells:
-        for o in cell.get("outputs", []):
-            assert o.get("output_type") != "error", o.get("evalue")
-            text += o.get("text", "") + "".join(str(v) for v in o.get("data", {}).values())
-    assert "random weights" in text and "noise by construction" in text  # the tiny preset's base is random
-    assert json.loads((tmp_path / "run" / "results" / "eval.json").read_text())["n"] == 4
-    assert "tok/s" in text and "peak memory (GiB)" in text
-    assert "adapter life" in text
-    assert (tmp_path / "merged" / "config.json").is_file()
-    summary = json.loads(text[text.rindex('{\n "n": 4'):].split("\n}\n")[0] + "\n}")
-    assert summary["n"] == 4 and set(summary["rouge_finetuned"]) == set(ROUGE_KEYS)
-    assert summary["adapter_life"]["reload max |logit diff|"] == 0.0
-    assert summary["adapter_life"]["merged (exported, plain transformers) max |logit diff|"] < 1e-5
+
+@pytest.mark.slow
+def test_summaries_with_an_adapter_score_reload_merge_and_export(tmp_path):
+    """Notebook 05's work on the tiny preset with a random adapter: scores, speed, and the adapter's life."""
+    from loralab import summaries
+    from loralab.config import RunConfig
+    from loralab.model import materialize_preset
+    from loralab.results import EvaluationResult
+    from loralab.run_folder import RunFolder
+
+    adapter = random_adapter(materialize_preset("tiny"), tmp_path / "adapter")
+    cfg = RunConfig(model="tiny", eval_examples=4, device="cpu")
+    run = RunFolder(tmp_path / "run")
+    r = summaries.run(cfg, run, adapter_dir=str(adapter), max_new_tokens=8, batch_size=2, show_examples=2,
+                      export_dir=str(tmp_path / "merged"))
+    assert r.random_weights  # the tiny preset's base is random: the notebook says its summaries are noise
+    assert run.load(EvaluationResult).to_dict() == json.loads(json.dumps(r.to_dict(), default=str)) and r.n == 4
+    assert set(r.rouge_finetuned) == set(ROUGE_KEYS) and set(r.diff_finetuned_minus_base) == set(ROUGE_KEYS)
+    assert len(r.examples) == 2 and {"dialogue", "reference", "base", "fine-tuned", "ROUGE-L base"} <= set(r.examples[0])
+    for s in r.generation.values():
+        assert s["tokens_per_s"] > 0 and s["peak_memory_gib"] >= 0 and s["n_generated_tokens"] > 0
+    life = r.adapter_life
+    assert life.reload_max_logit_diff == 0.0 and life.reload_same_summaries
+    assert life.merge_max_logit_diff < 1e-5 and life.passed is True and life.failures() == []
+    assert (tmp_path / "merged" / "config.json").is_file() and "config.json" in life.exported_files
+
+
+def test_adapter_check_failures_are_named():
+    """A wrong reload or merge fails notebook 05 (summaries.run raises with these); bf16 has no pass/fail."""
+    from loralab.results import AdapterChecks
+
+    ok = AdapterChecks(reload_max_logit_diff=0.0, reload_same_summaries=True, merge_max_logit_diff=2e-6,
+                       merge_tolerance=1e-5, passed=True)
+    assert ok.failures() == []
+    bad = AdapterChecks(reload_max_logit_diff=0.5, reload_same_summaries=False, merge_max_logit_diff=1.0,
+                        merge_tolerance=1e-5, passed=False)
+    assert bad.failures() == ["reloaded adapter does not reproduce the trained model",
+                              "merged logits differ by 1.00e+00 (> 1.0e-05)"]
+    assert AdapterChecks(dtype="bfloat16", merge_max_logit_diff=0.3, passed=None).failures() == []
+
+
+def test_merge_tolerance_is_relative_with_a_floor():
+    from loralab.summaries import merge_tolerance
+
+    assert merge_tolerance(0.1) == 1e-5 and merge_tolerance(50.0) == pytest.approx(5e-4)
+
+
+def test_summaries_without_an_adapter_score_the_base_only(tmp_path):
+    from loralab import summaries
+    from loralab.config import RunConfig
+    from loralab.run_folder import RunFolder
+
+    r = summaries.run(RunConfig(model="tiny", eval_examples=2, device="cpu"), RunFolder(tmp_path), max_new_tokens=4,
+                      batch_size=2)
+    assert r.n == 2 and r.rouge_finetuned is None and r.adapter_life is None
+    assert r.adapter_life_skipped.startswith("no adapter")
+
 
 
 def test_warmup_call_is_untimed_and_changes_nothing():

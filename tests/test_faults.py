@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 import run_all
-from loralab import checkpoint, lifecycle, runner
+from loralab import checkpoint, lifecycle, preflight, sweep
 from loralab.model import materialize_preset
-from loralab.train import TrainResult
+from loralab.results import TrainResult
 from test_resume import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_too_little_disk_space_is_exit_2_before_a_folder(tmp_path, capsys, monke
     real = shutil.disk_usage
     out = tmp_path / "outputs"
     # the output disk
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 2**20, 2**20))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 2**20, 2**20))
     assert run_all.main(["--notebooks", "00", "--out", str(out)]) == 2
     err = one_line(capsys.readouterr().err)
     assert "0.00 GiB free on its disk; a run needs at least 1 GiB" in err and not out.exists()
@@ -140,7 +140,7 @@ def test_too_little_disk_space_is_exit_2_before_a_folder(tmp_path, capsys, monke
     home = tmp_path / "home"
     monkeypatch.setenv("LORALAB_HOME", str(home))
     out.mkdir()
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda p: usage(2**40, 2**40, 2**20) if Path(p) == tmp_path
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(2**40, 2**40, 2**20) if Path(p) == tmp_path
                         else real(p))  # tmp_path: the nearest existing folder of the cache
     assert run_all.main(["--notebooks", "00", "--out", str(out)]) == 2
     err = one_line(capsys.readouterr().err)
@@ -249,7 +249,7 @@ def test_disk_full_while_the_summary_is_written(tmp_path, capsys, monkeypatch):
         return {"notebook": "00_setup", "tag": "", "label": "00_setup", "status": "ok", "error": None,
                 "elapsed_s": 0.1, "html": None}
 
-    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(sweep, "execute", execute)
     monkeypatch.setattr(Path, "write_text", write_text)
     out = tmp_path / "outputs"
     rc = run_all.main(["--notebooks", "00", "--out", str(out), "--run-id", "full"])
@@ -258,6 +258,41 @@ def test_disk_full_while_the_summary_is_written(tmp_path, capsys, monkeypatch):
     assert rc == 1 and "cannot write the reports" in err and "No space left on device" in err
     assert "summary.json" not in left_files(run) and not [f for f in left_files(run) if f.endswith(".tmp")]
     assert read(run, "run_status.json")["status"] == "failed"
+
+
+def test_a_run_folder_turned_read_only_keeps_its_status_true(tmp_path, capsys, monkeypatch):
+    """chmod 555 on the run folder after 00_setup, as a user might: tests run as root (chmod does not stop root),
+    so every new file in the folder fails with EACCES here, as it would for its owner. The status file itself is
+    still writable: it must say "failed", the advice must name permissions (not free space), and no report that
+    could not be written is offered."""
+    import loralab.files
+    import loralab.run_folder
+
+    real = loralab.files.write_text_atomic
+    locked = {"on": False}
+
+    def write_text_atomic(path, text):
+        if locked["on"] and Path(path).parent == out / "ro":
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(path).with_name(Path(path).name + ".tmp")))
+        return real(path, text)
+
+    def execute(nb, run, params, tag="", should_stop=None):  # no kernel: the runner's own writes are tested
+        locked["on"] = True  # 00_setup ran, then the folder turned read-only
+        return {"notebook": "00_setup", "tag": "", "label": "00_setup", "status": "ok", "error": None,
+                "elapsed_s": 0.1, "html": None}
+
+    monkeypatch.setattr(loralab.files, "write_text_atomic", write_text_atomic)
+    monkeypatch.setattr(loralab.run_folder, "write_text_atomic", write_text_atomic)
+    monkeypatch.setattr(sweep, "execute", execute)
+    out = tmp_path / "outputs"
+    rc = run_all.main(["--notebooks", "00", "--out", str(out), "--run-id", "ro"])
+    err = one_line(capsys.readouterr().err)
+    run = out / "ro"
+    assert rc == 1
+    assert "Permission denied" in err and "writable" in err and "free space" not in err, err
+    assert "index.html" not in err and not (run / "index.html").exists()
+    status = read(run, "run_status.json")
+    assert status["status"] == "failed" and "Permission denied" in status["stopped_because"]
 
 
 # --- signals: stop within seconds, say so everywhere, leave nothing, resume -------------------------

@@ -439,13 +439,14 @@ def test_notebook_opens_runs_and_saves_in_jupyterlab(lab, browser, repo_untouche
 @pytest.fixture(scope="module")
 def report_01(tmp_path_factory):
     """Notebook 01 as run_all.py runs it (papermill, then nbconvert's HTML)."""
-    from loralab.runner import execute
+    from loralab.notebooks import execute
+    from loralab.run_folder import RunFolder
 
     run_dir = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:  # the kernel's connection file and profile: not in the user's home
         mp.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
         mp.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
-        record = execute("01", run_dir, {"run_dir": str(run_dir)})
+        record = execute("01", RunFolder(run_dir), {"run_dir": str(run_dir)})
     assert record["status"] == "ok", record
     return run_dir
 
@@ -468,7 +469,7 @@ def test_html_report_figures_render_offline(chrome, report_01):
 
 
 def test_html_report_page_reaches_nothing_outside(chrome, report_01):
-    """runner.to_html drops the scripts nbconvert's lab template fetches from a CDN (require.js, MathJax, ...)."""
+    """notebooks.to_html drops the scripts nbconvert's lab template fetches from a CDN (require.js, MathJax, ...)."""
     chrome.get_log("performance")
     chrome.get((report_01 / "01_data.html").as_uri())
     time.sleep(1)

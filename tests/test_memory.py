@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralab import memory as M
+from loralab import memory
 from loralab import study
 from loralab.autobatch import find_batch_size, largest_batch_that_fits
 from loralab.config import ConfigError, Recipe, get_recipe
@@ -33,12 +33,13 @@ def test_param_counts_7b(cfg7b):
 def test_full_finetune_84gb(cfg7b):
     f = study.full_finetune_fp16(cfg7b)
     assert f["study_gb"] == pytest.approx(84.0)  # 7e9 x (2 + 2 + 8) B
+    assert "7e9 params x (2 + 2 + 8) B = 84 GB" in f["study_formula"]  # what notebook 02 prints
     assert f["total_12B_gb"] == pytest.approx(6_738_415_616 * 12 / 1e9)  # 80.86 GB
     assert f["with_fp32_master_gb"] == pytest.approx(6_738_415_616 * 16 / 1e9)
 
 
 def test_adamw_two_states_and_table1(cfg7b):
-    bd = M.predict_peak(cfg7b, get_recipe("seed"), 1, 2048)
+    bd = memory.predict_peak(cfg7b, get_recipe("seed"), 1, 2048)
     assert bd.terms["optimizer_states"] == 2 * 4 * 4_194_304
     assert bd.terms["lora_gradients"] == 4 * 4_194_304
     rows = {r["term"]: r for r in study.table1(cfg7b)}
@@ -51,25 +52,25 @@ def test_adamw_two_states_and_table1(cfg7b):
 def test_weights_7b(cfg7b):
     n_lin = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     other = 2 * 32000 * 4096 + 65 * 4096
-    w8 = M.weight_terms(cfg7b, get_recipe("seed"))
+    w8 = memory.weight_terms(cfg7b, get_recipe("seed"))
     assert w8["weights_int8"][0] == n_lin + 4 * 32 * (4 * 4096 + 2 * 11008 + 4096)
     assert w8["weights_embed_head_norms"][0] == 4 * other  # fp32 after prepare_model_for_kbit_training
-    w4 = M.weights_bytes(cfg7b, get_recipe("qlora"))
+    w4 = memory.weights_bytes(cfg7b, get_recipe("qlora"))
     assert w4 == pytest.approx(n_lin * 4.127 / 8 + 4 * other, rel=1e-3)  # QLoRA: 4.127 bits/param
-    assert M.weights_bytes(cfg7b, get_recipe("fast")) == 2 * (n_lin + other)
+    assert memory.weights_bytes(cfg7b, get_recipe("fast")) == 2 * (n_lin + other)
 
 
 def test_predictions_monotonic_and_ordered(cfg7b):
-    seed = [M.predict_peak(cfg7b, get_recipe("seed"), b, 2048).total for b in (1, 2, 4, 8)]
+    seed = [memory.predict_peak(cfg7b, get_recipe("seed"), b, 2048).total for b in (1, 2, 4, 8)]
     assert seed == sorted(seed)
-    sdpa = M.predict_peak(cfg7b, get_recipe("seed-sdpa"), 8, 2048).total
+    sdpa = memory.predict_peak(cfg7b, get_recipe("seed-sdpa"), 8, 2048).total
     assert sdpa < seed[-1]  # no S x S tensors
-    nock = M.predict_peak(cfg7b, get_recipe("lora-bf16"), 4, 2048).total
-    ck = M.predict_peak(cfg7b, get_recipe("lora-bf16-ckpt"), 4, 2048).total
+    nock = memory.predict_peak(cfg7b, get_recipe("lora-bf16"), 4, 2048).total
+    ck = memory.predict_peak(cfg7b, get_recipe("lora-bf16-ckpt"), 4, 2048).total
     assert ck < nock
-    bd = M.predict_peak(cfg7b, get_recipe("seed"), 4, 2048)
-    assert bd.reserved == bd.total - int(M.CUDA_CONTEXT_GIB * M.GIB)
-    assert sum(r["GiB"] for r in bd.to_gib()[:-3]) == pytest.approx(bd.total / M.GIB)
+    bd = memory.predict_peak(cfg7b, get_recipe("seed"), 4, 2048)
+    assert bd.reserved == bd.total - int(memory.CUDA_CONTEXT_GIB * memory.GIB)
+    assert sum(r["GiB"] for r in bd.to_gib()[:-3]) == pytest.approx(bd.total / memory.GIB)
     assert "| term |" in bd.markdown()
 
 
@@ -77,16 +78,16 @@ def test_largest_batch(cfg7b):
     r = get_recipe("seed")
     b = largest_batch_that_fits(cfg7b, r, 2048, 40)
     assert b >= 1
-    assert M.predict_peak(cfg7b, r, b, 2048).total <= 40 * M.GIB < M.predict_peak(cfg7b, r, b + 1, 2048).total
+    assert memory.predict_peak(cfg7b, r, b, 2048).total <= 40 * memory.GIB < memory.predict_peak(cfg7b, r, b + 1, 2048).total
     assert largest_batch_that_fits(cfg7b, r, 2048, 5) == 0
     assert largest_batch_that_fits(cfg7b, r, 2048, 40, allocator_cap=True) >= b
 
 
 def test_bad_input(cfg7b):
     with pytest.raises(ConfigError):
-        M.predict_peak(cfg7b, get_recipe("seed"), 0, 2048)
+        memory.predict_peak(cfg7b, get_recipe("seed"), 0, 2048)
     with pytest.raises(ConfigError):
-        M.predict_peak(cfg7b, get_recipe("seed"), 1, 2048, optimizer="lion")
+        memory.predict_peak(cfg7b, get_recipe("seed"), 1, 2048, optimizer="lion")
     with pytest.raises(ConfigError):
         find_batch_size(lambda b: 1.0, lambda b: 1.0, 0)
 
@@ -140,7 +141,7 @@ def test_activation_peak_matches_live_bytes_cpu(attn, ckpt):
     with LiveBytes(list(m.parameters()) + list(m.buffers())) as lb:
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
-    bd = M.predict_peak(cfg, rec, B, S, device="cpu", include_context=False)
+    bd = memory.predict_peak(cfg, rec, B, S, device="cpu", include_context=False)
     t = bd.terms
     pred = bd.allocated - sum(v for k, v in t.items() if k.startswith("weights")) - t["lora_adapter"] - t["optimizer_states"]
     tol = 0.03 if ckpt else 0.08  # no-ckpt: CPU dropout bookkeeping differs a little from the GPU's
@@ -229,9 +230,9 @@ def test_reserved_within_5pct_of_h200(cfg7b, run, row, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason="known miss, see _KNOWN_MISSES"))
     # these sweeps ran every recipe under PyTorch's default (caching) allocator
     recipe = get_recipe(row["recipe"]).replace(allocator=row.get("allocator", "caching"))
-    bd = M.predict_peak(cfg7b, recipe, row["batch_size"], row["seq_len"])
-    assert bd.reserved / M.GIB == pytest.approx(row["reserved_gib"], rel=0.05)
-    assert bd.allocated / M.GIB == pytest.approx(row["allocated_gib"], rel=0.02)
+    bd = memory.predict_peak(cfg7b, recipe, row["batch_size"], row["seq_len"])
+    assert bd.reserved / memory.GIB == pytest.approx(row["reserved_gib"], rel=0.05)
+    assert bd.allocated / memory.GIB == pytest.approx(row["allocated_gib"], rel=0.02)
 
 
 @pytest.mark.parametrize("name,measured", [("seed", 7), ("seed-sdpa", 16), ("qlora", 19), ("lora-bf16-ckpt", 21), ("lora-bf16", 3)])
@@ -252,13 +253,13 @@ def test_expandable_allocator_terms(cfg7b):
     """Expandable segments: reserved = allocated + 0.22 GiB + 0.17 x the loss-backward blocks; under a cap the loss
     part is unmapped and retried (reserved_under_cap = allocated + 0.22 GiB). Caching: the larger fragmentation terms."""
     r = get_recipe("lora-bf16")
-    bd = M.predict_peak(cfg7b, r, 16, 2048)
-    loss = bd.info["phases_gib"]["loss backward"] * M.GIB
-    assert bd.reserved - bd.allocated == pytest.approx(0.22 * M.GIB + 0.17 * loss, rel=1e-9)
-    assert bd.info["reserved_under_cap"] == pytest.approx(bd.allocated + 0.22 * M.GIB, rel=1e-12)
+    bd = memory.predict_peak(cfg7b, r, 16, 2048)
+    loss = bd.info["phases_gib"]["loss backward"] * memory.GIB
+    assert bd.reserved - bd.allocated == pytest.approx(0.22 * memory.GIB + 0.17 * loss, rel=1e-9)
+    assert bd.info["reserved_under_cap"] == pytest.approx(bd.allocated + 0.22 * memory.GIB, rel=1e-12)
     # 16 x 2048 tokens x 12 V bytes (fp32 log-softmax out, its grad, the logits' grad) = 11.72 GiB at least
     assert loss >= 16 * 2048 * 12 * 32000
-    caching = M.predict_peak(cfg7b, r.replace(allocator="caching"), 16, 2048)
+    caching = memory.predict_peak(cfg7b, r.replace(allocator="caching"), 16, 2048)
     assert caching.allocated == bd.allocated and caching.reserved - caching.allocated > bd.reserved - bd.allocated
 
 

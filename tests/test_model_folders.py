@@ -1,31 +1,48 @@
-"""run_all.py with a user's own model: a Hugging Face folder written by save_pretrained (no loralab files in it)
-and a Meta checkpoint folder (params.json, consolidated.00.pth, tokenizer.model). Every notebook must run.
+"""A user's own model through every notebook's work: a Hugging Face folder written by save_pretrained (no loralab
+files in it) and a Meta checkpoint folder (params.json, consolidated.00.pth, tokenizer.model).
 
 Before the one model-shape lookup (loralab.shape.model_config), notebook 02 failed on both ("model preset '/path':
-expected one of tiny, llama2-7b or a model folder") and notebook 04 failed on the Meta folder.
+expected one of tiny, llama2-7b or a model folder") and notebook 04 failed on the Meta folder. Each notebook's
+library call runs here directly (set-up, data, memory math, training, profiling, summaries, the report);
+tests/test_run_all.py runs the notebooks themselves, end to end.
 """
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["00_setup", "01_data", "02_memory_math", "03_training_bs2", "04_profiling_bs2", "05_summaries", "06_report"]
+from loralab import data_prep, profiling, setup, summaries
+from loralab.autobatch import largest_batch_that_fits
+from loralab.config import RunConfig
+from loralab.memory import predict_peak
+from loralab.run_folder import RunFolder
+from loralab.shape import model_config
+from loralab.train import run_training
 
 
-def run_all(model: Path, out: Path, run_id: str) -> dict:
-    r = subprocess.run([sys.executable, "run_all.py", "--model", str(model), "--recipe", "demo", "--batch-sizes", "2",
-                        "--max-steps", "2", "--seq-len", "128", "--eval-examples", "4", "--out", str(out),
-                        "--run-id", run_id], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    s = json.loads((out / run_id / "summary.json").read_text())
-    assert [n["notebook"] + (f"_{n['tag']}" if n["tag"] else "") for n in s["notebooks"]] == NOTEBOOKS
-    assert all(n["status"] == "ok" for n in s["notebooks"]), s["notebooks"]
-    assert s["sweep"][0]["status"] == "ok" and s["sweep"][0]["final_loss"] > 0
+def every_stage(model: Path, out: Path) -> dict:
+    """What run_all.py --model MODEL --recipe demo --batch-sizes 2 --max-steps 2 --seq-len 128 --eval-examples 4
+    has each notebook do, in order; the run's summary."""
+    cfg = RunConfig.from_options(model=str(model), recipe="demo", batch_sizes=[2], max_steps=2, seq_len=128,
+                                 eval_examples=4, device="cpu")
+    run = RunFolder.create(out, "run")
+    run.save_config(cfg)
+    assert setup.prepare(cfg, run).model_folder  # 00
+    assert data_prep.prepare(cfg, run).train_chunks > 0  # 01
+    mcfg = model_config(cfg.model)  # 02: the memory math from the folder's shape
+    assert predict_peak(mcfg, cfg.recipe, 2, cfg.seq_len).total > 0
+    assert largest_batch_that_fits(mcfg, cfg.recipe, cfg.seq_len, 40) >= 1
+    tr = run_training(cfg.at_batch(2), run.batch_dir(2), progress=lambda *a: None)  # 03
+    assert tr.status == "ok" and tr.final_loss > 0
+    assert profiling.run(cfg.at_batch(2), run).flops_per_step > 0  # 04
+    ev = summaries.run(cfg, run, adapter_dir=run.best_adapter([2]), max_new_tokens=8, batch_size=4)  # 05
+    assert ev.n == 4 and ev.adapter_life.passed
+    report = run.report(cfg)  # 06
+    assert report.status(2) == "ok" and report.profiles[2] is not None
+    s = run.collect_summary(cfg, [], "now", 0.0)
+    assert s["sweep"][0]["status"] == "ok" and s["sweep"][0]["final_loss"] > 0 and s["eval"]["n"] == 4
     return s
 
 
@@ -41,7 +58,7 @@ def test_a_hugging_face_folder_written_by_save_pretrained(tmp_path):
     PreTrainedTokenizerFast(tokenizer_file=str(preset / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
     assert not list(folder.glob("loralab*"))  # nothing of loralab's in it: a user's folder
-    s = run_all(folder, tmp_path / "out", "hf")
+    s = every_stage(folder, tmp_path / "out")
     assert s["random_weights"] is False and s["config"]["model"] == str(folder)
 
 
@@ -64,5 +81,5 @@ def test_a_meta_checkpoint_folder(tmp_path):
     torch.manual_seed(0)
     meta = write_meta(tmp_path / "llama-2-tiny", to_meta(LlamaForCausalLM(hf_config()).eval()),
                       tokenizer=tok / "tokenizer.model")
-    s = run_all(meta, tmp_path / "out", "meta")
+    s = every_stage(meta, tmp_path / "out")
     assert s["random_weights"] is False

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from loralab import checkpoint
 from loralab import distributed as D
 from loralab.config import RunConfig
-from loralab.train import TrainResult, run_training
+from loralab.results import TrainResult
+from loralab.train import run_training
 
 STEPS = 24
 

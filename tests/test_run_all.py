@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import run_all
-from loralab import runner
+from loralab import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_failed_and_diverged_runs_exit_1_with_a_one_line_summary(tmp_path, monke
     of 1e12 reaches a NaN loss (its notebook completes and reports it); the sweep goes on, the run "failed", exit 1."""
     from loralab.config import get_recipe
 
-    monkeypatch.setattr(runner, "check_data", lambda cfg, splits: None)  # it would refuse bs 100000 up front
+    monkeypatch.setattr(preflight, "check_data", lambda cfg, splits: None)  # it would refuse bs 100000 up front
     out = tmp_path / "outputs"
     argv = ["--batch-sizes", "100000", "2", "--max-steps", "20", "--seq-len", "128", "--notebooks", "03",
             "--out", str(out), "--run-id", "fail"]

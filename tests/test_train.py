@@ -9,7 +9,8 @@ from loralab import distributed as D
 from loralab.config import RunConfig
 from loralab.data import load_splits, tokenize_splits
 from loralab.model import load_for_training
-from loralab.train import TrainResult, train
+from loralab.results import TrainResult
+from loralab.train import train
 
 # First three losses of the tiny preset (v2: init std 0.1), batch size 2, 128-token chunks, seed 42 (torch 2.13 CPU).
 # fp32 (seed: int8 weights dequantized to fp32 on CPU; fast: bf16 -> fp32 on CPU) runs are the same on every x86-64 CPU

@@ -23,14 +23,13 @@ bf16 or fp32 (recipe quantization "none"), ``load_adapter``, then merge.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from loralab.config import ConfigError
+from loralab.files import atomic_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
@@ -120,9 +119,7 @@ def export_merged(peft_model, out_dir: str | Path, tokenizer_src: str | Path | N
     if src is not None and not src.exists():
         raise ConfigError(f"tokenizer_src {str(tokenizer_src)!r}: no such file or folder")
     merged = merge_adapter(peft_model, inplace=inplace)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:  # an empty ``out`` is replaced (a non-empty one was refused above)
         merged.config.use_cache = True  # training turns the KV cache off; inference wants it
         merged.save_pretrained(str(tmp))
         if src is not None:
@@ -132,12 +129,6 @@ def export_merged(peft_model, out_dir: str | Path, tokenizer_src: str | Path | N
                 for name in TOKENIZER_FILES:
                     if (src / name).is_file():
                         shutil.copy2(src / name, tmp / name)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -54,6 +53,7 @@ from typing import Callable
 import torch
 
 from loralab.config import ConfigError
+from loralab.files import atomic_folder
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -273,12 +273,7 @@ def convert_meta_checkpoint(
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.converting-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir) as tmp:  # an empty out_dir is replaced; a non-empty one was refused above
         from safetensors.torch import save_file
         from transformers import GenerationConfig
 
@@ -316,12 +311,6 @@ def convert_meta_checkpoint(
             "model_max_length": max_position_embeddings, "clean_up_tokenization_spaces": False,
         }, indent=2))
         del shards
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); a non-empty folder is never replaced
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"converted {meta_dir} -> {out_dir}: {n_params / 1e6:,.1f} M parameters, "
         f"{total / 2**30:.2f} GiB {dtype} in {len(names)} file(s), vocab {vocab}")
     return out_dir

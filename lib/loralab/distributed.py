@@ -371,7 +371,7 @@ def torchrun_command(cfg: RunConfig, out_dir: Path, extra: list[str] | None = No
 
 def merge_rank_records(out_dir: Path, cfg: RunConfig):
     """When rank 0 could not write ``train_result.json`` (a rank died alone), the result from the rank records."""
-    from loralab.train import TrainResult
+    from loralab.results import TrainResult
 
     out_dir = Path(out_dir)
     recs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*_result.json"))]
@@ -423,7 +423,7 @@ def launch(cfg: RunConfig, out_dir: Path, progress=print, extra: list[str] | Non
     import threading
 
     from loralab.lifecycle import preexec_die_with_parent
-    from loralab.train import TrainResult
+    from loralab.results import TrainResult
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ status file whose pid, host and heartbeat tell a live run from a dead one.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from loralab.files import write_json_atomic
+from loralab.files import rewrite_in_place, write_json_atomic
 
 PR_SET_PDEATHSIG = 1
 RUNNER_ENV = "LORALAB_RUNNER_PID"
@@ -155,11 +156,19 @@ class StatusFile:
         self._thread: threading.Thread | None = None
 
     def update(self, **fields) -> None:
+        """Rewrite the file with ``fields``. Atomically where the folder allows; in a folder that turned read-only
+        (no new file can be made in it) the file itself may still be writable: it is then rewritten in place, so
+        the status stays true. Raises OSError only when neither works."""
         with self._lock:
             self.state.update(fields)
             self.state["heartbeat"] = time.time()
             self.state["heartbeat_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            write_json_atomic(self.path, self.state)
+            try:
+                write_json_atomic(self.path, self.state)
+            except PermissionError:
+                if not (self.path.is_file() and os.access(self.path, os.W_OK)):
+                    raise
+                rewrite_in_place(self.path, json.dumps(self.state, indent=1, default=str))
 
     def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
         def beat():
@@ -203,7 +212,30 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-class StopOnSignal:
+class SignalHandlers:
+    """SIGINT and SIGTERM handled by ``_handle`` while a ``with`` block runs, the earlier handlers restored after it.
+    Installed only in the main thread (where Python delivers signals); elsewhere the block runs without them."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self._saved: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class StopOnSignal(SignalHandlers):
     """SIGINT / SIGTERM to the runner, as a request to stop in order.
 
     Before ``running()`` a signal raises ``Interrupted``. After it, the first signal sends SIGINT once to the
@@ -213,23 +245,16 @@ class StopOnSignal:
     after that, ``on_stuck()`` runs (it ends the process). ``signum``: the first signal, or None."""
 
     def __init__(self, grace_s: float = 30.0, on_stuck=None):
+        super().__init__()
         self.grace_s, self.on_stuck = grace_s, on_stuck
         self.signum: int | None = None
         self.since: float | None = None  # children started from then on are the run's
         self._running = False
-        self._saved: dict = {}
         self._finished = threading.Event()
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
 
     def __exit__(self, *exc) -> None:
         self.finished()
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
+        super().__exit__(*exc)
 
     def running(self) -> None:
         self._running, self.since = True, time.time()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from loralab import allocator
 from loralab.config import ConfigError, Recipe, RunConfig
 from loralab.device import cap_gpu_memory, resolve_device
+from loralab.files import atomic_folder
 from loralab.shape import (IN_MEMORY_PRESETS, PRESET_MARKER, is_preset, model_config, preset_config,
                            random_weights)
 
@@ -131,9 +131,7 @@ def materialize_preset(name: str, home: Path | None = None, progress=print) -> P
             return folder
         progress(f"cached preset {folder} does not load ({why}): rebuilding it")
         shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder, keep_existing=True) as tmp:  # another process may finish first: keep its folder
         from transformers import LlamaForCausalLM
 
         _quiet_hf()
@@ -160,13 +158,6 @@ def materialize_preset(name: str, home: Path | None = None, progress=print) -> P
         if why is not None:
             raise ConfigError(f"model preset {name!r}: the folder just built does not load ({why}); is {folder.parent} full?")
         (tmp / PRESET_MARKER).write_text(json.dumps({"complete": True, "preset": name}))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

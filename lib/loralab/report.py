@@ -1,24 +1,16 @@
-"""What the notebooks share, so each reads like a report: the run's config, its folder, banners, tables.
+"""What the notebooks share, so each reads like a report: the run's config, banners, tables, offline plotly.
 
 A notebook gets its configuration in one of two ways: run_all.py passes the whole run's ``RunConfig``
 as the ``config`` parameter (a dict), or, opened in JupyterLab, it builds one from its own readable
 parameters cell with the same defaults and checks (``notebook_config``). Either way the rest of the
-notebook sees one ``RunConfig``.
+notebook sees one ``RunConfig``. Where a notebook writes is the run folder's owner's business (``RunFolder.for_notebook``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-from pathlib import Path
-
 import pandas as pd
 
 from loralab.config import RunConfig
-from loralab.files import write_json_atomic
-
-REPO = Path(__file__).resolve().parents[2]
 
 RANDOM_WEIGHTS_BANNER = (
     "> **Random weights.** This report was made with `{model}`: a model with random weights in a real "
@@ -38,24 +30,6 @@ def notebook_config(config: dict, **params) -> RunConfig:
     if config:
         return RunConfig.from_dict(config)
     return RunConfig.from_options(**params)
-
-
-def notebook_run_dir(run_dir: str, notebook: str) -> Path:
-    """Where the notebook writes: run_all.py's run folder, else a new folder it names under outputs/notebooks/
-    ($LORALAB_OUTPUTS/notebooks/ when set)."""
-    if run_dir:
-        return Path(run_dir)
-    root = Path(os.environ.get("LORALAB_OUTPUTS", REPO / "outputs"))
-    d = root / "notebooks" / f"{notebook}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    d.mkdir(parents=True, exist_ok=True)
-    print(f"outputs of this notebook: {d}")
-    return d
-
-
-def latest_run(out: Path = REPO / "outputs") -> Path | None:
-    """The newest run folder run_all.py wrote under ``out`` (it holds run_config.json), or None."""
-    runs = sorted((p for p in Path(out).glob("*/run_config.json")), key=lambda p: p.stat().st_mtime)
-    return runs[-1].parent if runs else None
 
 
 def setup_plotly() -> None:
@@ -110,15 +84,3 @@ def config_table(cfg: RunConfig) -> pd.DataFrame:
     shown = lambda v: "(default)" if v is None else str(v)  # noqa: E731
     rows = [("run", k, shown(v)) for k, v in d.items()] + [("recipe", k, shown(v)) for k, v in recipe.items()]
     return pd.DataFrame(rows, columns=["group", "setting", "value"])
-
-
-def write_json(run_dir: str | Path, relpath: str, obj) -> Path:
-    p = Path(run_dir) / relpath
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(p, obj)
-    return p
-
-
-def read_json(run_dir: str | Path, relpath: str):
-    p = Path(run_dir) / relpath
-    return json.loads(p.read_text()) if p.exists() else None

@@ -23,7 +23,6 @@ mean nothing, and every report says so.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,17 +120,6 @@ def random_weights(model: str) -> bool:
         return True
     p = Path(str(model)).expanduser()
     return (p / PRESET_MARKER).is_file()
-
-
-def preset_of_folder(folder: Path) -> str | None:
-    """The preset a folder was built from (its marker), or None."""
-    f = Path(folder) / PRESET_MARKER
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text()).get("preset")
-    except (json.JSONDecodeError, OSError):
-        return None
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,10 @@ and memory is given back so the sweep can go on. A non-finite loss is a bug, not
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,76 +34,8 @@ from loralab import distributed as D
 from loralab.config import ConfigError, RunConfig
 from loralab.device import GIB, MemoryMeter, free_memory, is_oom, sync
 from loralab.fast import IGNORE_INDEX
-from loralab.files import write_json_atomic
-
-RESULT_FILE = "train_result.json"
-
-
-@dataclass
-class TrainResult:
-    """What one training run (one batch size) did: written once, by ``TrainResult.save``, read by the runner
-    and notebooks 03, 04 and 06 with ``TrainResult.load``."""
-
-    status: str
-    """"ok", "oom" (out of memory: a result) or "error" (the run did not finish)."""
-    batch_size: int
-    """Per-process (per-GPU) batch size."""
-    steps_per_epoch: int = 0
-    steps_done: int = 0
-    total_steps: int = 0
-    tokens_per_step: float = 0.0
-    """Tokens a step trains on, all processes together, padding excluded (the mean over the steady steps)."""
-    final_loss: float | None = None
-    tokens_per_s: float | None = None
-    step_time_s: float | None = None
-    epoch_time_s: float | None = None
-    epoch_time_kind: str | None = None
-    """"measured" (a whole epoch ran) or "extrapolated from N steps"."""
-    peak_allocated_gib: float | None = None
-    peak_reserved_gib: float | None = None
-    peak_active_gib: float | None = None
-    peak_device_used_gib: float | None = None
-    """Device memory in use as nvidia-smi shows it (CUDA context and other processes included); the largest GPU."""
-    error: str | None = None
-    oom_memory: dict | None = None
-    adapter_dir: str | None = None
-    losses: list[float] = field(default_factory=list)
-    # several processes (world_size 1: one process)
-    world_size: int = 1
-    strategy: str = "single process"
-    grad_accum: int = 1
-    global_batch_size: int | None = None
-    tokens_per_s_per_gpu: float | None = None
-    per_rank: list[dict] = field(default_factory=list)
-    """Each rank's peaks over the run."""
-    rank_status: list[str] = field(default_factory=list)
-    checkpoints: list[dict] = field(default_factory=list)
-    """Each checkpoint written: {"step", "seconds"} (what resuming costs to make possible)."""
-    resumed_from_step: int | None = None
-    # known before training
-    predicted_peak_gib: float | None = None
-    """The memory model's predicted peak reserved memory (per GPU)."""
-    predicted_device_gib: float | None = None
-    random_weights: bool | None = None
-    trainable_params: int | None = None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, out_dir: Path) -> Path:
-        """Write ``train_result.json`` in ``out_dir`` atomically (no half-written result ever looks complete)."""
-        path = Path(out_dir) / RESULT_FILE
-        write_json_atomic(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, out_dir: Path) -> "TrainResult | None":
-        path = Path(out_dir) / RESULT_FILE
-        if not path.exists():
-            return None
-        d = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+from loralab.lifecycle import SignalHandlers
+from loralab.results import TrainResult
 
 
 # --- the step ------------------------------------------------------------------------------------
@@ -168,22 +98,13 @@ def _none(v):
 
 
 # --- the loop ------------------------------------------------------------------------------------
-class StopRequest:
+class StopRequest(SignalHandlers):
     """SIGINT / SIGTERM during training ask the loop to stop at the end of the current step (checkpoint first);
     a second signal stops at once. Installed only in the main thread (where Python delivers signals)."""
 
     def __init__(self):
+        super().__init__()
         self.signal: int | None = None
-        self._saved: dict = {}
-
-    def __enter__(self) -> "StopRequest":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
 
     def _handle(self, signum, frame) -> None:
         import signal
@@ -192,12 +113,6 @@ class StopRequest:
             signal.signal(signum, self._saved.get(signum) or signal.SIG_DFL)
             raise KeyboardInterrupt
         self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
 
 
 def _truncate_steps(path: Path, step: int) -> None:
