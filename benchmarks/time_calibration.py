@@ -241,7 +241,7 @@ def measure(args) -> dict:
         fmt = TM.KINDS[kind]
         rate = bw if fmt == "bandwidth" else card.peak(fmt) * 1e12
         work = m.get("bytes", m.get("flops"))
-        res["efficiency"][kind] = {"value": round(work / m["s"] / rate, 4),
+        res["efficiency"][kind] = {"value": float(f"{work / m['s'] / rate:.4g}"),
                                    "source": f"measured: {what}; {work:.3g} {'B' if fmt == 'bandwidth' else 'FLOP'} "
                                              f"in {m['s'] * 1e3:.3f} ms = {work / m['s'] / (1e9 if fmt == 'bandwidth' else 1e12):.1f} "
                                              f"{'GB/s' if fmt == 'bandwidth' else 'TFLOP/s'} of {card.name}'s "
@@ -269,7 +269,7 @@ def measure(args) -> dict:
             f"SDPA causal fwd + bwd, batch {T // S} x {S}, bf16, torch's kernel choice")
     attempt("attn_sdpa_fp32", lambda: attention(s, 1, S, torch.float32, dev, it), f"SDPA causal fwd + bwd, 1 x {S}, fp32")
     attempt("elementwise", lambda: elementwise(T * s.I, dev, it), f"add (bf16, fp32) and a bf16->fp32 cast over {T * s.I:,} elements")
-    g = res["efficiency"].get("gemm_bf16", {}).get("value", 0.5) * card.peak("bf16") * 1e12
+    g = (res["efficiency"].get("gemm_bf16", {}).get("value") or 0.5) * card.peak("bf16") * 1e12
     attempt("lora", lambda: lora(s, T, dev, it, g), f"LoRA r8 on q_proj fwd + bwd, {T} tokens (timemodel.lora_bytes)")
     attempt("optimizer", lambda: optimizer(s, dev, it), "torch AdamW over the q/v LoRA parameters of all layers")
     fams = [("eager", "seed"), ("compiled", "fast")] + ([("compiled_fp8", "fast8")] if card.fp8 and dev.type == "cuda" else [])
@@ -417,8 +417,9 @@ def main(argv=None) -> int:
     if args.bootstrap:
         res = bootstrap()
         INSTALLED.write_text(json.dumps(res, indent=1) + "\n")
-        log(f"wrote {INSTALLED.relative_to(ROOT)} (bootstrap)")
-        print(markdown(res))
+        md = RESULTS / "time_calibration_bootstrap_H200.md"
+        md.write_text(markdown(res))
+        log(f"wrote {INSTALLED.relative_to(ROOT)} and {md.relative_to(ROOT)} (bootstrap)")
         return 0
     res = measure(args)
     fallback = json.loads(INSTALLED.read_text()) if INSTALLED.exists() else {}

@@ -100,7 +100,8 @@ def largest_batch(model_config, recipe: Recipe, seq_len: int, card: Card, max_ba
 def plan(model_config, recipes: list[Recipe], cards: list[Card], *, seq_len: int, tokens: int,
          batch_sizes: list[int] | None = None, prices: dict[str, float] | None = None,
          calibration: Calibration | None = None) -> list[PlanRow]:
-    """One row per card x recipe (x batch size when ``batch_sizes`` is given; default: the largest that fits)."""
+    """One row per card x recipe (x batch size when ``batch_sizes`` is given; default: the largest that fits, at most
+    the data's chunk count)."""
     cal = calibration or Calibration.load()
     prices = prices or {}
     chunks = tokens // seq_len
@@ -114,7 +115,7 @@ def plan(model_config, recipes: list[Recipe], cards: list[Card], *, seq_len: int
                                     note=f"needs FP8 tensor cores (compute capability 8.9+; {card.name}: "
                                          f"{card.compute_capability})"))
                 continue
-            for b in batch_sizes or [largest_batch(model_config, r, seq_len, card)]:
+            for b in batch_sizes or [largest_batch(model_config, r, seq_len, card, max_batch=chunks)]:
                 ok, peak = _fits(model_config, r, max(b, 1), seq_len, card)
                 row = PlanRow(card.name, r.name, b, ok and b > 0, peak, card.capacity_gib)
                 if not row.fits:
