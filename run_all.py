@@ -4,6 +4,7 @@
     python run_all.py                                   # built-in tiny model + data, CPU, bs 1 4 7 8
     python run_all.py --model llama2-7b --tokenizer TOKENIZER --data SAMSUM_DIR \\
         --recipe seed --batch-sizes 1 4 7 8 --gpu-memory-gib 40 --max-steps 8
+    python run_all.py --plan --model llama2-7b --recipes seed fast --price A100-80GB=1.9   # no GPU, seconds
 
 Every run writes a new folder outputs/<run-id>/ with each executed notebook (.ipynb and
 .html), index.html linking them, summary.json, run_status.json and progress.log. Exit status:
@@ -43,8 +44,9 @@ def batch_sizes(values: list[str]) -> list[int] | str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", nargs="+", default=["1", "4", "7", "8"],
-                   help="per-step batch sizes to sweep, or 'auto' (largest that fits the card; GPU only)")
+    p.add_argument("--batch-sizes", nargs="+", default=None,
+                   help="per-step batch sizes to sweep (default 1 4 7 8), or 'auto' (largest that fits the card; GPU "
+                        "only); with --plan: the batch sizes to plan (default: the largest that fits each card)")
     p.add_argument("--model", default="tiny", help="preset (tiny, llama2-7b, llama2-13b), HF folder, or Meta checkpoint folder")
     p.add_argument("--tokenizer", default="", help="tokenizer.model file or tokenizer folder (default: the model's)")
     p.add_argument("--data", default="builtin",
@@ -52,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="", help=f"one of {', '.join(USER_RECIPES)} (default: demo for the tiny model, "
                    f"seed otherwise); variants: {', '.join(r for r in RECIPES if r not in USER_RECIPES)}")
     p.add_argument("--attn", default="", help=f"override the recipe's attention: {', '.join(ATTENTION)}")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the recipe's; seed: 8)")
+    p.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: the recipe's; seed: 32)")
+    p.add_argument("--lora-targets", default=None,
+                   help="LoRA target modules: 'q,v', 'all-linear', or names (q_proj,k_proj,... or q,k,v,o,gate,up,down)")
     p.add_argument("--seq-len", type=int, default=2048, help="packed chunk length in tokens")
     pk = p.add_mutually_exclusive_group()
     pk.add_argument("--packing", dest="packing", action="store_true", default=None,
@@ -79,6 +85,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scaling-reference", default="", metavar="RUN_DIR",
                    help="an earlier run folder of the same model, recipe and sequence length on fewer GPUs: "
                         "the report adds a scaling plot and table (tokens/s, speed-up, efficiency per batch size)")
+    pl = p.add_argument_group("plan before you launch (no GPU, no weights: seconds)")
+    pl.add_argument("--plan", action="store_true", help="print, per card x recipe, whether it fits, the largest batch, "
+                    "predicted peak memory, tok/s, epoch time and cost; runs nothing")
+    pl.add_argument("--recipes", nargs="+", default=None, help="recipes to plan (default: --recipe's, or seed fast qlora)")
+    pl.add_argument("--cards", nargs="+", default=None, help="cards to plan (default: the catalogue's eight)")
+    pl.add_argument("--cards-file", default="", help="JSON file of extra cards (the form of lib/loralab/cards.json)")
+    pl.add_argument("--price", action="append", default=[], metavar="CARD=USD",
+                    help="price per GPU-hour, e.g. --price A100-80GB=1.9 (repeatable; no built-in prices)")
+    pl.add_argument("--tokens", type=int, default=None, help="train tokens per epoch (default: counted from --data, "
+                    "or SAMSum's 3,184,816 when no --data is given)")
+    pl.add_argument("--calibration", default="", help="time-model calibration JSON (default: lib/loralab/time_calibration.json)")
+    pl.add_argument("--json", action="store_true", help="with --plan: the rows as JSON")
     p.add_argument("--out", default="outputs", help="parent folder of run folders")
     p.add_argument("--run-id", default="", help="run folder name (default: time-model-recipe-suffix); never reused")
     p.add_argument("--resume", default="", metavar="RUN_DIR",
@@ -87,12 +105,44 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PLAN_ONLY = ("plan", "recipes", "cards", "cards_file", "price", "tokens", "calibration", "json")
+
+
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
     """The run's RunConfig from the command line: each flag is the RunConfig field of the same name."""
     options = vars(parser().parse_args(argv))
     options.pop("resume")
-    options["batch_sizes"] = batch_sizes(options["batch_sizes"])
+    plan_only = {k: options.pop(k) for k in PLAN_ONLY}
+    if any(v for k, v in plan_only.items() if k != "plan") and not plan_only["plan"]:
+        used = [f"--{k.replace('_', '-')}" for k, v in plan_only.items() if v and k != "plan"]
+        raise ConfigError(f"{' '.join(used)}: only with --plan")
+    options["batch_sizes"] = batch_sizes(options["batch_sizes"] or ["1", "4", "7", "8"])
     return RunConfig.from_options(**options)
+
+
+def plan_from_args(argv: list[str] | None = None) -> str:
+    """``--plan``: the plan table (or JSON rows) for the run's model, recipes, sequence length and data."""
+    from loralab import plan
+    from loralab.config import apply_lora_options, get_recipe
+
+    o = vars(parser().parse_args(argv))
+    bs = batch_sizes(o["batch_sizes"]) if o["batch_sizes"] else None
+    if bs == "auto":
+        bs = None
+    names = o["recipes"] or ([o["recipe"]] if o["recipe"] else ["seed", "fast", "qlora"])
+    recipes = []
+    for n in names:
+        r = get_recipe(n)
+        if o["attn"]:
+            r = r.replace(attn_implementation=o["attn"])
+        recipes.append(apply_lora_options(r, o["lora_r"], o["lora_alpha"], o["lora_targets"]))
+    if o["packing"] is False:
+        raise ConfigError("--plan --no-packing: the plan counts packed chunks of --seq-len; expected packing")
+    model = o["model"] if o["model"] != "tiny" or o["data"] != "builtin" else "tiny"
+    return plan.run_plan(model=model, recipes=recipes, cards=o["cards"], seq_len=o["seq_len"], tokens=o["tokens"],
+                         data="" if o["data"] == "builtin" and o["tokens"] is None and model != "tiny" else o["data"],
+                         tokenizer=o["tokenizer"], batch_sizes=bs, prices=o["price"], cards_file=o["cards_file"],
+                         calibration=o["calibration"], as_json=o["json"])
 
 
 def resume_dir(argv: list[str] | None = None) -> str:
@@ -111,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     Whatever ends a run early ends with one line on stderr."""
     from loralab.lifecycle import Interrupted, StopOnSignal
 
+    if "--plan" in (sys.argv[1:] if argv is None else argv):
+        try:
+            print(plan_from_args(argv))
+            return 0
+        except ConfigError as e:
+            print(f"run_all.py: error: {e}", file=sys.stderr)
+            return 2
     with StopOnSignal() as stop:
         try:
             from loralab import sweep

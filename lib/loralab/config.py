@@ -37,6 +37,44 @@ FP8_WEIGHT_T = ("copy", "per-step")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+LORA_TARGET_SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                     "down": "down_proj"}
+
+
+def parse_lora_targets(value: str | tuple | list) -> tuple[str, ...]:
+    """``--lora-targets``: "q,v", "all-linear", or module names ("q_proj,k_proj,...", short names allowed)."""
+    items = [value] if isinstance(value, str) else list(value)
+    names = [p.strip() for v in items for p in str(v).split(",") if p.strip()]
+    if names == ["all-linear"]:
+        return LORA_TARGETS_ALL
+    out = []
+    for n in names:
+        full = LORA_TARGET_SHORT.get(n, n)
+        if full not in LORA_TARGETS_ALL:
+            raise ConfigError(f"--lora-targets {n!r}: expected 'all-linear' or names from "
+                              f"{', '.join(LORA_TARGETS_ALL)} (or q, k, v, o, gate, up, down)")
+        if full not in out:
+            out.append(full)
+    if not out:
+        raise ConfigError("--lora-targets: empty; expected 'q,v', 'all-linear' or module names")
+    return tuple(out)
+
+
+def apply_lora_options(recipe: "Recipe", lora_r: int | None = None, lora_alpha: int | None = None,
+                       lora_targets: str | tuple | list | None = None) -> "Recipe":
+    """The recipe with the user's LoRA rank, alpha and target modules (None: the recipe's own)."""
+    changes: dict[str, Any] = {}
+    if lora_r is not None:
+        changes["lora_r"] = lora_r
+    if lora_alpha is not None:
+        if lora_alpha <= 0:
+            raise ConfigError(f"--lora-alpha {lora_alpha}: expected a number > 0")
+        changes["lora_alpha"] = lora_alpha
+    if lora_targets:
+        changes["lora_targets"] = parse_lora_targets(lora_targets)
+    return recipe.replace(**changes) if changes else recipe
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, allowed))}")
@@ -405,9 +443,11 @@ class RunConfig:
 
     # --- building and saving
     @classmethod
-    def from_options(cls, *, attn: str = "", **options: Any) -> "RunConfig":
+    def from_options(cls, *, attn: str = "", lora_r: int | None = None, lora_alpha: int | None = None,
+                     lora_targets: str | None = None, **options: Any) -> "RunConfig":
         """A run from what a user gave (run_all.py's flags, a notebook's parameters): the defaults filled in
-        and listed in ``defaults_applied``. ``attn`` overrides the recipe's attention; None means unset."""
+        and listed in ``defaults_applied``. ``attn`` overrides the recipe's attention, ``lora_r`` / ``lora_alpha`` /
+        ``lora_targets`` its LoRA settings (``apply_lora_options``); None means unset."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - known
         if unknown:
@@ -423,7 +463,7 @@ class RunConfig:
         if attn:
             _choice("attn", attn, ATTENTION)
             recipe = recipe.replace(attn_implementation=attn)
-        o["recipe"] = recipe
+        o["recipe"] = apply_lora_options(recipe, lora_r, lora_alpha, lora_targets)
         if "max_steps" not in o and model == "tiny" and recipe.name == TINY_DEFAULTS["recipe"]:
             o["max_steps"] = TINY_DEFAULTS["max_steps"]
             notes.append(f"at most {o['max_steps']} steps per batch size (the tiny default; --max-steps N to change)")

@@ -221,16 +221,8 @@ def recipe_step_flops(
     )
 
 
-# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's data sheets:
-# A100 (SXM and PCIe): "NVIDIA A100 Tensor Core GPU" datasheet (2021);
-# H100 SXM / PCIe and H200 SXM: "NVIDIA H100 / H200 Tensor Core GPU" datasheets
-# (the sheets print sparse numbers for tensor cores; dense = half).
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5, "int8": 624.0},
-    "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "int8": 1979.0, "fp8": 1979.0},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0, "int8": 1513.0, "fp8": 1513.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "int8": 1979.0, "fp8": 1979.0},
-}
+# Dense (no 2:4 sparsity) peaks per card and number format: loralab.cards (cards.json, with each figure's data
+# sheet). One table for MFU here and for the planner (loralab.plan).
 
 
 def device_peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
@@ -244,19 +236,14 @@ def device_peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
     An FP8 base (``Recipe.fp8``, loralab.fp8) runs the same matmuls, so the same FLOPs; its MFU is given
     against both the bf16 and the FP8 matmul peaks (measured: ``profilers.measure_matmul_peak``).
     """
-    name = device_name.upper()
-    key = None
-    if "H200" in name:
-        key = "H200"
-    elif "H100" in name:
-        key = "H100 PCIe" if "PCIE" in name else "H100 SXM"
-    elif "A100" in name:
-        key = "A100"
-    if key is None:
+    from loralab.cards import card_of_device
+
+    card = card_of_device(device_name)
+    if card is None:
         return None
-    if dtype not in PEAK_TFLOPS[key]:
-        raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(PEAK_TFLOPS[key])}")
-    return PEAK_TFLOPS[key][dtype]
+    if dtype not in card.tflops:
+        raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(card.tflops)}")
+    return card.tflops[dtype]
 
 
 def sweep_metrics(

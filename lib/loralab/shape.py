@@ -17,6 +17,9 @@ Presets:
 - ``llama2-7b``: Meta's Llama-2-7b-hf shape with random weights (built once into LORALAB_HOME, fp16).
 - ``llama2-13b``: Meta's Llama-2-13b-hf shape with random weights, built in memory by each process
   (on the meta device, then sharded or materialised): never written to disk.
+- ``llama3.1-8b``: Meta's Llama-3.1-8B shape (grouped-query attention, 128,256-token vocabulary), random weights,
+  built in memory like ``llama2-13b``; any tokenizer whose ids are below its vocabulary trains it (the planner
+  needs none).
 Memory, time and FLOPs do not depend on the weights' values; loss and summaries from random weights
 mean nothing, and every report says so.
 """
@@ -58,11 +61,19 @@ def _presets() -> dict:
             vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
             num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+        # Meta's Llama-3.1-8B config.json: grouped-query attention (8 K/V heads) and a 128,256-token vocabulary
+        "llama3.1-8b": _llama(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+            rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192},
+            tie_word_embeddings=False),
     }
 
 
-PRESET_NAMES = ("tiny", "llama2-7b", "llama2-13b")
-IN_MEMORY_PRESETS = ("llama2-13b",)
+PRESET_NAMES = ("tiny", "llama2-7b", "llama2-13b", "llama3.1-8b")
+IN_MEMORY_PRESETS = ("llama2-13b", "llama3.1-8b")
 """Built on the meta device by every process that trains it (several GPUs with FSDP); never on disk."""
 
 
